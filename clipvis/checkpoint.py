@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from clipvis.errors import CheckpointError
+from clipvis.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +123,6 @@ def _swap_in(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             target.data = value
         else:
             target.copy_(value)
-
-
-def release_freed_memory() -> None:
-    """Ask glibc to return freed heap memory to the system (its allocator keeps large freed blocks otherwise);
-    a no-op where there is no glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _listing(keys: List[str], limit: int = 4) -> str:

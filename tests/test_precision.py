@@ -89,3 +89,36 @@ def test_precision_flag_sets_the_config_key():
     assert build_config(parser.parse_args(["video.mp4", "--vocab", "cat", "--precision", "bf16"])).TEST.PRECISION == "bf16"
     with pytest.raises(SystemExit):
         parser.parse_args(["video.mp4", "--vocab", "cat", "--precision", "fp16"])
+
+
+def test_bf16_layers_stored_once_give_exactly_the_autocast_outputs(tmp_path):
+    """`from_config` at bf16 stores the layers run under autocast in bfloat16 once; the outputs must be
+    bit-identical to autocast casting fp32 weights at every call (a predictor around an untouched model)."""
+    import clipvis.modeling.ms_deform_attn as deform
+    from clipvis.checkpoint import model_to_official_keys
+    from clipvis.data.synthetic import synthetic_video
+    from clipvis.modeling.meta_arch import build_model
+
+    cfg = load_config(builtin_config("clipvis_video_tiny.yaml"), ["TEST.PRECISION", "bf16", "INPUT.MIN_SIZE_TEST", "0"])
+    torch.manual_seed(0)
+    reference_model = build_model(cfg)
+    weights = tmp_path / "tiny.pth"
+    torch.save({"model": model_to_official_keys(reference_model.state_dict())}, weights)
+    stored = VideoPredictor.from_config(cfg, weights=weights, progress=False)
+    per_call = VideoPredictor.from_model(reference_model, cfg, progress=False)
+
+    dtypes = {name: p.dtype for name, p in stored.model.named_parameters()}
+    assert sum(d == torch.bfloat16 for d in dtypes.values()) > 10
+    assert all(p.dtype == torch.float32 for p in reference_model.parameters())
+    for name, module in stored.model.named_modules():  # float32 regions stay float32
+        if isinstance(module, deform.MSDeformAttn):
+            assert module.sampling_offsets.weight.dtype == torch.float32, name
+            assert module.value_proj.weight.dtype == torch.bfloat16, name
+    assert stored.model.backbone.clip_model.visual.head.proj.weight.dtype == torch.float32  # CLIP head classification
+
+    frames = synthetic_video(3, 64, 96, seed=1)
+    a = stored.predict(frames, "person; dog", keep_mask_logits=True)
+    b = per_call.predict(frames, "person; dog", keep_mask_logits=True)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.classes, b.classes)
+    assert torch.equal(a.mask_logits, b.mask_logits)
+    assert a.rles == b.rles

@@ -12,7 +12,6 @@ pixels, and the final instance selection is exactly the original's (see `instanc
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -33,6 +32,8 @@ from clipvis.inference.instance_selection import (
     per_frame_mask_stats,
     top_query_class_pairs,
 )
+from clipvis.inference.precision import precision_context, store_autocast_layers_in_bf16
+from clipvis.memory import page_out, release_freed_memory
 from clipvis.modeling.meta_arch import ClipVis
 from clipvis.modeling.text_classifier import build_text_classifier, mask_class_logits, parse_vocabulary
 from clipvis.modeling.tracker import TemporalTopKTracker
@@ -41,26 +42,6 @@ log = logging.getLogger(__name__)
 
 # Queries whose masks are upsampled to output resolution at once (bounds peak memory at high resolution).
 UPSAMPLE_CHUNK = 16
-
-# Frames per model forward inside a window: only one frame's backbone and pixel-decoder activations (hundreds
-# of MB at 480p) are ever alive, whatever the window size. Measured fastest too (2 CPU threads, 360x480: 1.33 s/frame
-# vs 1.44 with 4 frames per forward: fewer large buffers page-faulted in and out). Outputs do not depend on it
-# (every frame is decoded independently).
-FRAMES_PER_FORWARD = 1
-
-PRECISIONS = ("fp32", "bf16")
-"""TEST.PRECISION values: fp32 reproduces the original; bf16 runs backbone + decoder under autocast."""
-
-
-def precision_context(precision: str, device: torch.device):
-    """The autocast context of an inference precision: nothing for "fp32", bfloat16 autocast on the device's
-    type (CPU or CUDA) for "bf16". Raises ConfigError for anything else."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown inference precision {precision!r} (TEST.PRECISION / --precision); use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
 
 @dataclass
 class Vocabulary:
@@ -313,7 +294,12 @@ class VideoPredictor:
         else:
             load_checkpoint(model, weights)
         model.to(resolve_device(device))
-        return cls.from_model(model, cfg, **kwargs)
+        predictor = cls.from_model(model, cfg, **kwargs)
+        if predictor.precision == "bf16":  # this model is only for inference: cast its bf16 layers once
+            converted = store_autocast_layers_in_bf16(model, predictor._blank_frame_pass, model.device.type)
+            release_freed_memory()
+            log.info("bf16: %d layers stored in bfloat16", converted)
+        return predictor
 
     # ---------------------------------------------------------------- vocabulary
     def encode_vocabulary(self, vocabulary: Union[str, Sequence[str], Vocabulary]) -> Vocabulary:
@@ -333,6 +319,7 @@ class VideoPredictor:
                 else:
                     classifier, num_synonyms = build_text_classifier(backbone, classes)
             self._vocabularies[key] = Vocabulary(classes, classifier.to(self.model.device), list(num_synonyms))
+            page_out(backbone.text_tensors())  # not needed again until the next vocabulary
         return self._vocabularies[key]
 
     # ---------------------------------------------------------------- inference
@@ -383,38 +370,49 @@ class VideoPredictor:
         return result
 
     def _process_window(self, window: torch.Tensor, vocab: Vocabulary, tracker, state: _VideoState, timer: StageTimer) -> None:
+        """uint8 frames `[w,H,W,3]` -> `state` extended by w tracked, classified, encoded frames. The window is
+        resized and padded together (as the original); then each frame goes through the model, the tracker, the
+        CLIP head and mask encoding before the next one, so only one frame's activations and outputs are ever alive
+        (hundreds of MB at 480p, whatever the window size). One frame per forward also measured fastest (2 CPU
+        threads, 360x480: 1.33 s/frame vs 1.44 with 4 frames per forward); outputs do not depend on it."""
         model = self.model
         with timer("backbone + decoder"):
             resized = self._resize(window)
             images, image_size = model.preprocess(resized.permute(0, 3, 1, 2))
-            outputs, dense = self._run_model(images)
         padded_size = tuple(images.shape[-2:])
-        with timer("tracker"):
-            perms = [tracker.step(embeds) for embeds in outputs["pred_embds"]]
-            index = torch.stack(perms).to(images.device)  # [w,Q]
-            obj = torch.gather(outputs["pred_object_logits"], 1, index[..., None].expand(-1, -1, 2))
-            ious = torch.gather(outputs["pred_ious"], 1, index[..., None])
-            masks = outputs["pred_masks"][torch.arange(len(index), device=index.device)[:, None], index]
-        with timer("CLIP head classification"):
-            class_logits = mask_class_logits(model.backbone, dense, masks, vocab.classifier, vocab.num_synonyms)  # [w,Q,K]
-        for t in range(len(index)):
-            state.add_frame(class_logits[t], ious[t], obj[t], masks[t], padded_size, image_size, timer)
-        state.permutations.append(index.cpu())
+        permutations = []
+        for t in range(len(images)):
+            with timer("backbone + decoder"):
+                outputs, dense = self._run_model(images[t : t + 1])
+            with timer("tracker"):
+                index = tracker.step(outputs["pred_embds"][0]).to(images.device)  # [Q]
+                obj = outputs["pred_object_logits"][0, index]  # [Q,2]
+                ious = outputs["pred_ious"][0, index]  # [Q,1]
+                masks = outputs["pred_masks"][:, index]  # [1,Q,h4,w4]
+            with timer("CLIP head classification"):
+                class_logits = mask_class_logits(model.backbone, dense, masks, vocab.classifier, vocab.num_synonyms)
+            state.add_frame(class_logits[0], ious, obj, masks[0], padded_size, image_size, timer)
+            permutations.append(index.cpu())
+        state.permutations.append(torch.stack(permutations))
+        release_freed_memory()  # stops heap fragmentation from growing over the windows of a long video
 
-    def _run_model(self, images: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """Normalized padded frames `[w,3,H,W]` -> (final decoder outputs, clip_vis_dense), float32, at the
-        predictor's precision; the decoder's earlier-layer predictions are not kept."""
+    def _run_model(self, image: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """One normalized padded frame `[1,3,H,W]` -> (final decoder outputs, clip_vis_dense `[1,C,h32,w32]`),
+        float32, at the predictor's precision; the decoder's earlier-layer predictions are not computed into
+        the outputs."""
         model = self.model
         keys = ("pred_object_logits", "pred_masks", "pred_ious", "pred_embds")
-        outputs: Dict[str, List[torch.Tensor]] = {k: [] for k in keys}
-        dense = []
-        with model.sem_seg_head.predictor.final_predictions_only(), precision_context(self.precision, images.device):
-            for start in range(0, len(images), FRAMES_PER_FORWARD):
-                chunk_outputs, chunk_dense = model(images[start : start + FRAMES_PER_FORWARD])
-                for k in keys:
-                    outputs[k].append(chunk_outputs[k].float())
-                dense.append(chunk_dense.float())
-        return {k: torch.cat(v) for k, v in outputs.items()}, torch.cat(dense)
+        with model.sem_seg_head.predictor.final_predictions_only(), precision_context(self.precision, image.device):
+            outputs, dense = model(image)
+        return {k: outputs[k].float() for k in keys}, dense.float()
+
+    def _blank_frame_pass(self) -> None:
+        """Run every model layer that `predict` uses, on one small blank frame (to find which run under autocast)."""
+        with torch.inference_mode():
+            image = torch.zeros(1, 3, 64, 64, device=self.model.device)
+            outputs, dense = self._run_model(image)
+            classifier = torch.zeros(1, self.model.backbone.embed_dim, device=image.device)
+            mask_class_logits(self.model.backbone, dense, outputs["pred_masks"], classifier, [1])
 
     def _resize(self, window: torch.Tensor) -> torch.Tensor:
         """uint8 `[w,H,W,3]` -> resized as the original's test mapper (short side min_size, long side <= max_size)."""

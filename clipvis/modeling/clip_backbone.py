@@ -187,6 +187,12 @@ class ClipBackbone(nn.Module):
             features["clip_vis_dense"] = x
         return features
 
+    def text_tensors(self) -> list[Tensor]:
+        """The text tower's parameters and buffers (everything of the CLIP model outside `visual` but the
+        logit scale): only used to encode vocabularies."""
+        named = list(self.clip_model.named_parameters()) + list(self.clip_model.named_buffers())
+        return [t for name, t in named if not name.startswith("visual.") and name != "logit_scale"]
+
     @torch.no_grad()
     def encode_text(self, texts: list[str], batch_size: int = 128) -> Tensor:
         """texts: N prompts -> [N, D] projected end-of-text features, not normalized.

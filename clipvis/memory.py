@@ -1,0 +1,95 @@
+"""Process memory housekeeping."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+MADV_DONTNEED = 4  # Linux
+MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Optional[ctypes.CDLL]:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        libc.malloc_trim  # only glibc has it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the operating system (glibc keeps freed blocks inside its heap, so a long run
+    of same-sized frame forwards otherwise ratchets resident memory up by fragmentation). Takes about a
+    millisecond; a no-op where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _file_backed_ranges() -> List[Tuple[int, int]]:
+    """Address ranges [start, end) of this process's memory mappings that map a file (Linux)."""
+    ranges = []
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _storage_range(tensor: torch.Tensor) -> Tuple[int, int]:
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def evict_file_pages(dead: Sequence[torch.Tensor], keep: Sequence[torch.Tensor] = ()) -> int:
+    """Drop from resident memory the pages of tensors that are no longer used and were memory-mapped from a
+    file (weights of a checkpoint loaded with mmap, since replaced): the mapping stays alive as long as any
+    other tensor of the file does, so without this their pages stay resident. Only whole pages inside a
+    file-backed mapping and overlapping none of the `keep` tensors are dropped (were they read again, the
+    kernel would reload them from the file). Returns the bytes dropped; 0 off Linux/glibc."""
+    libc = _glibc()
+    if libc is None or not dead or not os.path.exists("/proc/self/maps"):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    mapped = _file_backed_ranges()
+    kept = [_storage_range(t) for t in keep if t.device.type == "cpu"]
+    dropped = 0
+    for tensor in dead:
+        if tensor.device.type != "cpu":
+            continue
+        first, last = _storage_range(tensor)
+        start, end = -(-first // page) * page, last // page * page
+        if end <= start or not any(s <= start and end <= e for s, e in mapped):
+            continue
+        if any(s < end and start < e for s, e in kept):
+            continue
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
+def page_out(tensors: Sequence[torch.Tensor]) -> None:
+    """Hint the kernel to take the pages of `tensors` out of this process's resident memory now (weights
+    needed only once in a while, e.g. CLIP's text tower between vocabularies). Contents never change: pages
+    memory-mapped from a checkpoint are read back from the file when next used; anonymous memory stays
+    unless there is swap. A no-op off Linux/glibc or on kernels without MADV_PAGEOUT."""
+    libc = _glibc()
+    if libc is None:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    for tensor in tensors:
+        if tensor.device.type != "cpu":
+            continue
+        first, last = _storage_range(tensor)
+        start, end = -(-first // page) * page, last // page * page
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)

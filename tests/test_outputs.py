@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_util
 
 from clipvis.data.synthetic import synthetic_video_and_masks, write_video
@@ -267,3 +268,20 @@ def test_overlay_rejects_instances_of_another_length(tmp_path, scene, instances)
     with pytest.raises(ClipvisError):
         write_overlay_video(source, instances, tmp_path / "overlay.mp4")
     assert not (tmp_path / "overlay.mp4").exists()
+
+
+@pytest.mark.parametrize("output_size", [(90, 118), (135, 177), (61, 80)])
+def test_output_masks_are_the_originals_interpolation(output_size):
+    """`logits_to_output_masks` gives bit for bit the original's evaluator masks: bilinear of the [1,Q,h,w]
+    logits to the padded size, crop, bilinear to the output size, > 0."""
+    import torch.nn.functional as F
+
+    from clipvis.inference.predictor import logits_to_output_masks
+
+    torch.manual_seed(0)
+    logits = torch.randn(20, 24, 32) * 4
+    padded, image = (96, 128), (90, 118)
+    x = F.interpolate(logits[None], size=padded, mode="bilinear", align_corners=False)[:, :, : image[0], : image[1]]
+    if output_size != image:
+        x = F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)
+    assert torch.equal(logits_to_output_masks(logits, padded, image, output_size), x[0] > 0)

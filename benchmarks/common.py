@@ -6,7 +6,7 @@ import os
 import resource
 import tempfile
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -77,6 +77,41 @@ def build_predictor(config: str, overrides: Sequence[str] = (), device: str = "c
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-resident-memory measurement for `peak_rss_since_reset_mb` (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM, and with it getrusage's ru_maxrss). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> Optional[float]:
+    """Peak resident memory since `reset_peak_rss` (VmHWM), in MB; None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_report(before_inference_mb: float) -> dict:
+    """Peak RSS of the whole process, before inference (`before_inference_mb`, measured before `reset_peak_rss`)
+    and of inference alone (since the reset, where the OS can tell), in MB, rounded."""
+    inference = peak_rss_since_reset_mb()
+    whole = max(before_inference_mb, inference if inference is not None else peak_rss_mb())
+    return {
+        "peak_rss_mb": round(whole, 1),
+        "peak_rss_before_inference_mb": round(before_inference_mb, 1),
+        "peak_rss_inference_mb": None if inference is None else round(inference, 1),
+    }
 
 
 def parse_overrides(opts: List[str]) -> List[str]:

@@ -2,13 +2,11 @@
 
     python benchmarks/infer_speed.py --frames 24 --height 360 --width 480 --threads 2 [--precision bf16] [--repeat 3]
 
-Prints one JSON line: total seconds (the wall time of `predict`, mask encoding included), frames/s, the sum of
-the original's four stages (its table has no mask encoding: it encodes the selected masks in its evaluator),
-seconds per stage (backbone + decoder, tracker, CLIP head
-classification, instance selection; mask encoding to output-resolution RLE is reported separately because
-the original does it in its evaluator), peak RSS of the whole process, the peak before inference (model
-building, weight loading, text encoding) and the peak during inference alone. Text encoding is excluded from
-the timings (done before).
+Prints one JSON line: total seconds (the wall time of `predict`), frames/s, seconds per stage (backbone +
+decoder, tracker, CLIP head classification, instance selection, and mask encoding to output-resolution RLE),
+the sum of the first four (the original's table: it has no mask encoding, which it does for the selected
+masks in its evaluator), peak RSS of the whole process, before inference (model building, weight loading,
+text encoding) and of inference alone. Text encoding is excluded from the timings (done before).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 
-from clipvis.errors import ClipvisError, ConfigError, VideoError
+from clipvis.errors import ClipvisError, VideoError
 from clipvis.inference.instance_selection import (
     ClassScoreAccumulator,
     frame_keep,

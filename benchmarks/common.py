@@ -79,19 +79,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def reset_peak_rss() -> bool:
-    """Start a new peak-resident-memory measurement for `peak_rss_since_reset_mb` (Linux: writing 5 to
-    /proc/self/clear_refs resets VmHWM, and with it getrusage's ru_maxrss). False where that is not possible."""
+def start_inference_peak_rss() -> float:
+    """The peak RSS so far (MB), then a new peak measurement for `peak_rss_report` (Linux: writing 5 to
+    /proc/self/clear_refs resets VmHWM, and with it getrusage's ru_maxrss; elsewhere nothing is reset)."""
+    before = peak_rss_mb()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        pass
+    return before
 
 
 def peak_rss_since_reset_mb() -> Optional[float]:
-    """Peak resident memory since `reset_peak_rss` (VmHWM), in MB; None off Linux."""
+    """Peak resident memory since `start_inference_peak_rss` (VmHWM), in MB; None off Linux."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -103,8 +104,8 @@ def peak_rss_since_reset_mb() -> Optional[float]:
 
 
 def peak_rss_report(before_inference_mb: float) -> dict:
-    """Peak RSS of the whole process, before inference (`before_inference_mb`, measured before `reset_peak_rss`)
-    and of inference alone (since the reset, where the OS can tell), in MB, rounded."""
+    """Peak RSS of the whole process, before inference (`before_inference_mb`, from `start_inference_peak_rss`)
+    and of inference alone (since then, where the OS can tell), in MB, rounded."""
     inference = peak_rss_since_reset_mb()
     whole = max(before_inference_mb, inference if inference is not None else peak_rss_mb())
     return {

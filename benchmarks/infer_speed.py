@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_predictor, parse_overrides, peak_rss_mb, peak_rss_report, reset_peak_rss  # noqa: E402
+from common import build_predictor, parse_overrides, peak_rss_report, start_inference_peak_rss  # noqa: E402
 
 STAGES = ("backbone + decoder", "tracker", "CLIP head classification", "instance selection")
 
@@ -46,8 +46,7 @@ def main() -> None:
     predictor, cfg = build_predictor(args.config, overrides, device=args.device)
     frames = synthetic_video(args.frames, args.height, args.width, seed=0)
     vocab = predictor.encode_vocabulary(args.vocab)
-    rss_before = peak_rss_mb()
-    reset_peak_rss()
+    rss_before = start_inference_peak_rss()
     best = None
     for _ in range(args.repeat):
         if args.device.startswith("cuda"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_predictor, peak_rss_mb, peak_rss_report, reset_peak_rss  # noqa: E402
+from common import build_predictor, peak_rss_report, start_inference_peak_rss  # noqa: E402
 
 
 def run_one(video: Path, config: str, threads: int) -> dict:
@@ -30,8 +30,7 @@ def run_one(video: Path, config: str, threads: int) -> dict:
 
     predictor, _ = build_predictor(config, ["INPUT.MIN_SIZE_TEST", "0"])
     vocab = predictor.encode_vocabulary("circle; square; triangle")
-    rss_before = peak_rss_mb()
-    reset_peak_rss()
+    rss_before = start_inference_peak_rss()
     source = open_video(video)
     start = time.perf_counter()
     result = predictor.predict_windows(source.windows(predictor.window_size), vocab, num_frames=len(source))

@@ -45,9 +45,12 @@ def _file_backed_ranges() -> List[Tuple[int, int]]:
     return ranges
 
 
-def _storage_range(tensor: torch.Tensor) -> Tuple[int, int]:
+def _whole_pages(tensor: torch.Tensor) -> Tuple[int, int]:
+    """[start, end) of the whole memory pages inside `tensor`'s storage (empty when end <= start)."""
     storage = tensor.untyped_storage()
-    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    return -(-first // page) * page, last // page * page
 
 
 def evict_file_pages(dead: Sequence[torch.Tensor], keep: Sequence[torch.Tensor] = ()) -> int:
@@ -59,15 +62,14 @@ def evict_file_pages(dead: Sequence[torch.Tensor], keep: Sequence[torch.Tensor] 
     libc = _glibc()
     if libc is None or not dead or not os.path.exists("/proc/self/maps"):
         return 0
-    page = os.sysconf("SC_PAGE_SIZE")
     mapped = _file_backed_ranges()
-    kept = [_storage_range(t) for t in keep if t.device.type == "cpu"]
+    kept = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+            for t in keep if t.device.type == "cpu"]
     dropped = 0
     for tensor in dead:
         if tensor.device.type != "cpu":
             continue
-        first, last = _storage_range(tensor)
-        start, end = -(-first // page) * page, last // page * page
+        start, end = _whole_pages(tensor)
         if end <= start or not any(s <= start and end <= e for s, e in mapped):
             continue
         if any(s < end and start < e for s, e in kept):
@@ -85,11 +87,9 @@ def page_out(tensors: Sequence[torch.Tensor]) -> None:
     libc = _glibc()
     if libc is None:
         return
-    page = os.sysconf("SC_PAGE_SIZE")
     for tensor in tensors:
         if tensor.device.type != "cpu":
             continue
-        first, last = _storage_range(tensor)
-        start, end = -(-first // page) * page, last // page * page
+        start, end = _whole_pages(tensor)
         if end > start:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)

@@ -61,6 +61,5 @@ def store_autocast_layers_in_bf16(model: nn.Module, inference_pass: Callable[[],
             if param.dtype == torch.float32:
                 replaced.append(param.data)
                 param.data = param.data.to(torch.bfloat16)
-    still_used = [t for t in list(model.parameters()) + list(model.buffers())]
-    evict_file_pages(replaced, keep=still_used)
+    evict_file_pages(replaced, keep=[*model.parameters(), *model.buffers()])
     return len(names)

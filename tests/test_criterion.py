@@ -22,10 +22,13 @@ from clipvis.modeling.criterion import (
     video_frame_targets,
 )
 
+from attention_replay import monitor_attention_thresholds
 from conftest import assert_close, criterion_fixture_paths, load_fixture, synthesize
 
 FIXTURES = criterion_fixture_paths()
 REL = 1e-4
+DECISION_MARGIN = 1e-5  # an attention-mask logit this close to 0 (x scale) may be decided otherwise by another CPU
+FREE_REL = 2e-3  # the original's own cross-CPU variation after such a decision, with room (see test_end_to_end)
 OFFICIAL_CLASS_WEIGHT_KEY = "criterion.empty_object_weight"
 
 
@@ -53,7 +56,6 @@ class Run:
     """One fixture and our criterion's result on its stored outputs, with every torch.rand logged."""
 
     def __init__(self, path: Path, monkeypatch: pytest.MonkeyPatch):
-        torch.set_num_threads(1)
         self.fx = load_fixture(path)
         self.criterion = criterion_for(self.fx)
         self.draws: list[torch.Tensor] = []
@@ -182,7 +184,6 @@ def test_training_forward_from_images(path):
     from clipvis.checkpoint import load_checkpoint
     from clipvis.modeling.meta_arch import build_model
 
-    torch.set_num_threads(2)
     fx = load_fixture(path)
     meta = fx["meta"]
     model = build_model(config_for(meta))
@@ -193,23 +194,29 @@ def test_training_forward_from_images(path):
     frames = inputs["images"] if meta["kind"] == "image" else [frame for video in inputs["videos"] for frame in video]
     batch = padded_batch([(f.float() - model.pixel_mean) / model.pixel_std for f in frames], model.size_divisibility)
     assert_close(batch, inputs["padded_normalized"], rel=1e-6, name="normalized padded batch")
-    with torch.no_grad():
+    # Nothing records the original's attention masks here: predictions after an attention-mask decision within
+    # rounding of the threshold (which another CPU may take the other way) are compared at FREE_REL, the
+    # original's own cross-CPU variation (see test_end_to_end), all others at REL.
+    with torch.no_grad(), monitor_attention_thresholds(DECISION_MARGIN) as monitor:
         outputs, _ = model(batch)
+    first_tie = monitor.first_tie()  # head calls 0..first_tie are unaffected by a tie
 
     reference = fx["criterion_outputs"]
     assert len(outputs["aux_outputs"]) == len(reference["aux_outputs"])
-    layers = [(outputs, reference)] + list(zip(outputs["aux_outputs"], reference["aux_outputs"]))
-    for k, (ours, theirs) in enumerate(layers):
+    calls = list(zip(outputs["aux_outputs"], reference["aux_outputs"])) + [(outputs, reference)]  # head call order
+    for call, (ours, theirs) in enumerate(calls):
+        rel = REL if call <= first_tie else FREE_REL
         for key in ("pred_object_logits", "pred_masks", "pred_ious"):
             # the original's video model adds a singleton frame axis to pred_masks: [S, Q, 1, h, w]
-            assert_close(ours[key], theirs[key].reshape(ours[key].shape), rel=REL, name=f"layer {k}: {key}")
+            assert_close(ours[key], theirs[key].reshape(ours[key].shape), rel=rel, name=f"head call {call}: {key}")
 
     criterion = criterion_for(fx)
     torch.manual_seed(meta["torch_seed"])
     weighted = criterion.weigh(criterion(outputs, fx["targets"]))
     assert set(weighted) == set(fx["losses_weighted"])
+    rel = REL if first_tie == len(calls) - 1 else FREE_REL
     for name, expected in fx["losses_weighted"].items():
-        assert_close(weighted[name], expected, rel=REL, name=f"weighted {name}")
+        assert_close(weighted[name], expected, rel=rel, name=f"weighted {name}")
 
 
 def padded_batch(images: list[torch.Tensor], size_divisibility: int) -> torch.Tensor:

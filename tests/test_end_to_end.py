@@ -5,7 +5,20 @@ the model from the fixture's `meta` through the real config + checkpoint path, l
 official-format state dict, and compare every stage: decoder outputs per window, the tracker's
 permutations, the text classifier, and the final instances (as sets: the original's top-k is unsorted).
 
-Tolerances: 1e-4 relative to each tensor's scale (`assert_close`); indices and classes exactly equal.
+The decoder's masked attention thresholds mask logits at 0, and an entry within float rounding of 0 can
+be decided either way on another CPU (see tests/attention_replay.py). So each comparison is made twice:
+
+* teacher-forced: the original's recorded attention masks replace our decisions (our own decisions are
+  still compared with them, and may differ only within DECISION_MARGIN of the threshold). Outputs must
+  then be CPU-independent: decoder outputs within FORCED_REL, final instances within REL, tracker
+  permutations and classes exactly equal.
+* free-running: our own decisions; at most a few may differ from the original's, each within
+  FREE_DECISION_MARGIN of the threshold, and outputs within FREE_REL. The original itself, rerun on an
+  Intel Xeon, differs from its AMD EPYC fixtures by up to 4.9e-4 (decoder) and 4.3e-4 (final instances)
+  of scale, and by up to 6.6e-4 on another fixture; FREE_REL allows three times that, far below what a
+  real mistake (a swapped interpolation mode, a moved LayerNorm) gives.
+
+Tolerances are relative to each tensor's scale (`assert_close`).
 """
 from __future__ import annotations
 
@@ -21,10 +34,16 @@ from clipvis.config import builtin_config, load_config
 from clipvis.inference.predictor import VideoPredictor, Vocabulary
 from clipvis.modeling.text_classifier import parse_vocabulary
 
+from attention_replay import replay_attention_masks
 from conftest import assert_close, inference_fixture_paths, load_fixture, synthesize
 
 FIXTURES = inference_fixture_paths()
-REL = 1e-4
+REL = 1e-4  # final instances, teacher-forced
+FORCED_REL = 1e-5  # decoder outputs, teacher-forced
+DECISION_MARGIN = 1e-5  # teacher-forced: our mask decisions may differ only this close to 0 (x scale)
+FREE_REL = 2e-3  # free-running outputs (3x the original's own cross-CPU deviation)
+FREE_DECISION_MARGIN = 2e-3  # free-running: after a flip, logits move by up to FREE_REL
+MAX_FLIP_FRACTION = 1e-4  # of all attention-mask decisions
 
 
 def config_for(meta: dict):
@@ -50,7 +69,6 @@ class FixtureRun:
     """One fixture, the model built from its meta and the end-to-end prediction, computed once."""
 
     def __init__(self, path: Path):
-        torch.set_num_threads(2)
         self.fx = load_fixture(path)
         self.meta = self.fx["meta"]
         self.cfg = config_for(self.meta)
@@ -60,8 +78,16 @@ class FixtureRun:
         text = self.fx["text"]
         classes = parse_vocabulary(self.meta["vocab"])
         self.override = Vocabulary(classes, text["override_used_end_to_end"], list(text["num_templates"]))
-        frames = self.fx["video"].permute(0, 2, 3, 1).contiguous()  # [T,H,W,3]
-        self.prediction = self.predictor.predict(frames, self.override, keep_mask_logits=True)
+        self.frames = self.fx["video"].permute(0, 2, 3, 1).contiguous()  # [T,H,W,3]
+        self.prediction, self.replay = self.predict(force=True)
+        self.free_prediction, self.free_replay = self.predict(force=False)
+
+    def predict(self, force: bool):
+        """The real `VideoPredictor.predict` on the fixture's video, teacher-forced or free-running."""
+        with replay_attention_masks(self.fx, force=force) as replay:
+            prediction = self.predictor.predict(self.frames, self.override, keep_mask_logits=True)
+        assert replay.frames_done == len(self.frames), "the decoder did not see every frame once, in order"
+        return prediction, replay
 
 
 _runs: dict = {}
@@ -85,21 +111,44 @@ def test_model_accepts_exactly_the_manifest(run):
     assert ours == expected
 
 
-def test_decoder_outputs_per_window(run):
+def _decoder_per_window(run, force: bool):
+    """Backbone + decoder on the fixture's windows (batched as the original batched them)."""
     video, window = run.fx["video"], run.meta["window"]
-    ref = run.fx["decoder"]
     outs = {k: [] for k in ("pred_object_logits", "pred_masks", "pred_ious", "pred_embds")}
     dense = []
-    with torch.inference_mode():
+    with replay_attention_masks(run.fx, force=force) as replay, torch.inference_mode():
         for start in range(0, len(video), window):
             images, _ = run.model.preprocess(video[start : start + window])
             out, d = run.model(images)
             for k in outs:
                 outs[k].append(out[k])
             dense.append(d)
-    for k in outs:
-        assert_close(torch.cat(outs[k]), ref[k], REL, k)
-    assert_close(torch.cat(dense), run.fx["clip_vis_dense"], REL, "clip_vis_dense")
+    assert replay.frames_done == len(video)
+    return {k: torch.cat(v) for k, v in outs.items()}, torch.cat(dense), replay
+
+
+def test_decoder_outputs_per_window_teacher_forced(run):
+    """With the original's attention masks, decoder outputs equal the original's on any CPU; our own mask
+    decisions (from our logits) differ from the recorded ones only within rounding of the threshold."""
+    outs, dense, replay = _decoder_per_window(run, force=True)
+    replay.check_decisions(DECISION_MARGIN, MAX_FLIP_FRACTION)
+    for k, value in outs.items():
+        assert_close(value, run.fx["decoder"][k], FORCED_REL, k)
+    assert_close(dense, run.fx["clip_vis_dense"], FORCED_REL, "clip_vis_dense")
+
+
+def test_decoder_outputs_per_window_free_running(run):
+    """Our own attention masks: a few near-threshold decisions may differ from this CPU's, nothing else."""
+    outs, _, replay = _decoder_per_window(run, force=False)
+    replay.check_decisions(FREE_DECISION_MARGIN, MAX_FLIP_FRACTION)
+    for k, value in outs.items():
+        assert_close(value, run.fx["decoder"][k], FREE_REL, k)
+
+
+def test_predictor_mask_decisions(run):
+    """Through the real predictor (one frame per forward), decisions agree with the original's as above."""
+    run.replay.check_decisions(DECISION_MARGIN, MAX_FLIP_FRACTION)
+    run.free_replay.check_decisions(FREE_DECISION_MARGIN, MAX_FLIP_FRACTION)
 
 
 def test_text_classifier(run):
@@ -115,25 +164,33 @@ def test_tracker_permutations(run):
         assert torch.equal(perms[i + 1], call["indices"]), f"tracker call {i} (frame {i + 1}) differs"
 
 
-def test_final_instances(run):
-    """Scores, classes and stride-4 mask logits of the final instances, compared as sets."""
-    ref = run.fx["final"]
-    pred = run.prediction
+def _check_final_instances(pred, ref, rel: float) -> None:
+    """Pair every reference instance with one of ours (same class, same score, closest mask logits) and
+    require every pair within `rel` of scale."""
     assert len(pred) == len(ref["scores"])
-    # Pair every reference instance with one of ours: same class, same score, closest mask logits.
     ref_scores, ref_classes, ref_masks = ref["scores"].double(), ref["pred_classes"], ref["pred_masks"].double()
     scale = ref_masks.abs().max().item()
     mask_err = (pred.mask_logits.double().flatten(1)[:, None] - ref_masks.flatten(1)[None]).abs().amax(-1)
     score_err = (pred.scores.double()[:, None] - ref_scores[None]).abs()
-    cost = mask_err / scale + 1e6 * (pred.classes[:, None] != ref_classes[None]) + 1e6 * (score_err > REL * ref_scores.abs().max())
+    cost = mask_err / scale + 1e6 * (pred.classes[:, None] != ref_classes[None]) + 1e6 * (score_err > rel * ref_scores.abs().max())
     rows, cols = linear_sum_assignment(cost.numpy())
     worst = cost[rows, cols].max().item()
-    assert worst <= REL, f"final instances differ from the original's (worst pair cost {worst:.3g})"
+    assert worst <= rel, f"final instances differ from the original's (worst pair cost {worst:.3g} > {rel:g})"
     assert torch.equal(pred.classes[rows], ref_classes[cols])
-    assert_close(pred.scores[rows], ref_scores[cols], REL, "final scores")
-    assert_close(pred.mask_logits[rows], ref_masks[cols], REL, "final mask logits")
+    assert_close(pred.scores[rows], ref_scores[cols], rel, "final scores")
+    assert_close(pred.mask_logits[rows], ref_masks[cols], rel, "final mask logits")
     assert list(pred.scores) == sorted(pred.scores.tolist(), reverse=True)
-    assert tuple(ref["image_size"]) == tuple(run.fx["video"].shape[-2:])
+
+
+def test_final_instances(run):
+    """Scores, classes and stride-4 mask logits of the final instances, compared as sets (teacher-forced)."""
+    _check_final_instances(run.prediction, run.fx["final"], REL)
+    assert tuple(run.fx["final"]["image_size"]) == tuple(run.fx["video"].shape[-2:])
+
+
+def test_final_instances_free_running(run):
+    """The same without teacher forcing, within the original's own cross-CPU variation (FREE_REL)."""
+    _check_final_instances(run.free_prediction, run.fx["final"], FREE_REL)
 
 
 def test_output_masks_follow_the_logits(run):
@@ -195,11 +252,10 @@ def test_checkpoint_of_another_clip_model_names_the_fix(run):
 
 def test_window_size_does_not_change_outputs(run):
     """Streaming in other window sizes gives the same instances (the window only batches frames)."""
-    frames = run.fx["video"].permute(0, 2, 3, 1).contiguous()
     original_window = run.predictor.window_size
     try:
         run.predictor.window_size = 3
-        other = run.predictor.predict(frames, run.override, keep_mask_logits=True)
+        other, _ = run.predict(force=True)
     finally:
         run.predictor.window_size = original_window
     # Batching frames differently changes float rounding inside convolutions, nothing else.

@@ -33,7 +33,6 @@ def deviation(path: Path, precision: str) -> dict:
     """Run the fixture's video at `precision` and compare the final instances with the fixture's
     (`compare_instance_sets` on stride-4 masks; scores' largest relative difference among matched pairs
     is not compared: bf16 reorders near-ties)."""
-    torch.set_num_threads(2)
     fx = load_fixture(path)
     meta = fx["meta"]
     cfg = config_for(meta)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from clipvis.errors import VocabularyError
 from clipvis.modeling.clip_backbone import ClipBackbone
@@ -134,8 +135,17 @@ def test_mask_class_probabilities_match_original(data, backbone):
         data["text"]["override_used_end_to_end"],
         list(data["text"]["num_templates"]),
     )
-    probabilities = logits.softmax(-1).transpose(0, 1)
-    assert_close(probabilities, data["classify"]["per_frame_cls_prob"], rel=1e-4, name="per_frame_cls_prob")
+    probabilities = logits.softmax(-1).transpose(0, 1)  # [Q,T,K]
+    expected = data["classify"]["per_frame_cls_prob"]
+    # Pooling takes the pixels whose resized mask logit is > 0 (and, with a ResNet, a mask with none gets zero
+    # logits): a pixel within rounding of 0 may be taken on one CPU and not on another, so a (query, frame)
+    # with such a pixel is compared loosely; all others strictly.
+    resized = F.interpolate(tracked_masks(data), size=data["clip_vis_dense"].shape[-2:], mode="bilinear",
+                            align_corners=False)
+    tie = (resized.abs() <= 1e-6 * resized.abs().amax()).flatten(2).any(-1).transpose(0, 1)  # [Q,T]
+    assert tie.float().mean() <= 0.01, f"{int(tie.sum())} (query, frame) pairs have a pixel at the threshold"
+    assert_close(probabilities[~tie], expected[~tie], rel=1e-4, name="per_frame_cls_prob")
+    assert_close(probabilities[tie], expected[tie], rel=1e-2, name="per_frame_cls_prob at a pooling tie")
 
 
 def test_frame_batching_does_not_change_logits(data, backbone):

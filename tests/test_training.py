@@ -278,7 +278,6 @@ def trained(datasets_root, tmp_path_factory):
     """60 iterations of the tiny config, checkpoint at iteration 30 (index 29)."""
     from clipvis.engine.train import train
 
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(builtin_config("clipvis_tiny.yaml"), run_overrides(out, 60, **{"SOLVER.CHECKPOINT_PERIOD": 30}))
     result = train(cfg, device="cpu", resume=False)

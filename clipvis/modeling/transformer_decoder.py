@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from clipvis.errors import ClipvisError, ConfigError
 from clipvis.modeling.pixel_decoder import sine_position_encoding
 
-__all__ = ["MLP", "MultiScaleMaskedTransformerDecoder", "attention_mask_from_masks"]
+__all__ = ["MLP", "MultiScaleMaskedTransformerDecoder", "attention_mask_from_masks", "hidden_positions"]
 
 
 class MLP(nn.Module):
@@ -110,12 +110,29 @@ class FeedForwardLayer(nn.Module):
         return queries if self.pre_norm else self.norm(queries)
 
 
+def hidden_positions(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Where each query may not look: the mask logits resized (bilinear, align_corners=False) to the
+    next layer's level, hidden where sigmoid(logit) < 0.5.
+
+    This is the decoder's one thresholded decision (`attention_mask_from_masks` calls it by its
+    module name, so an equivalence test can replay recorded decisions in its place).
+
+    Args:
+        mask_logits: `[B, Q, H, W]`.
+        size: (h, w) of the level the next layer attends to.
+
+    Returns:
+        `[B, Q, h*w]` bool, True = hidden.
+    """
+    resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    return resized.sigmoid().flatten(2) < 0.5
+
+
 def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int], num_heads: int) -> Tensor:
     """The cross-attention mask for the next layer from the current mask predictions.
 
-    The mask logits are resized (bilinear, align_corners=False) to the next layer's level; a pixel
-    is hidden from a query where sigmoid(logit) < 0.5. A query that would see no pixel at all sees
-    every pixel instead.
+    `hidden_positions` decides which pixels each query may not look at; a query that would see no
+    pixel at all sees every pixel instead.
 
     Args:
         mask_logits: `[B, Q, H, W]`.
@@ -125,8 +142,7 @@ def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int], num_he
     Returns:
         `[B*num_heads, Q, h*w]` bool, True = hidden (batch-major, then heads).
     """
-    resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
-    hidden = resized.sigmoid().flatten(2) < 0.5  # [B, Q, h*w]
+    hidden = hidden_positions(mask_logits, size)  # [B, Q, h*w]
     hidden = hidden & ~hidden.all(-1, keepdim=True)
     return hidden.detach().repeat_interleave(num_heads, dim=0)
 

@@ -1,7 +1,7 @@
 """Configs: the original CLIP-VIS's detectron2/yacs YAML files, read as they are.
 
 `load_config(path, overrides)` gives the frozen config of a run (defaults, then the file with its
-`_BASE_` chain, then KEY VALUE overrides); `builtin_config(name)` finds a shipped YAML in `configs/`;
+`_BASE_` chain, then KEY VALUE overrides); `builtin_config(name)` finds a YAML shipped in the package (`clipvis/configs/`);
 `get_default_config()` lists every key; `register_open_clip_configs()` makes our tiny open_clip models
 (e.g. `clipvis_tiny_convnext`, used by `configs/*_tiny.yaml`) known to open_clip.
 """

@@ -30,10 +30,10 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
 
 
 def builtin_config_dirs() -> List[Path]:
-    """Folders searched for shipped configs: `clipvis/configs/` (if packaged there), then the repository's
-    `configs/` next to the package."""
-    candidates = [_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs"]
-    return [d for d in candidates if d.is_dir()]
+    """Folders searched for shipped configs: the package's `clipvis/configs/` (the one source of truth; the
+    repository's top-level `configs/` is a link to it, for users of the original's command lines)."""
+    folder = _PACKAGE_DIR / "configs"
+    return [folder] if folder.is_dir() else []
 
 
 def available_builtin_configs() -> List[str]:
@@ -55,6 +55,6 @@ def builtin_config(name: str) -> Path:
             if path.is_file():
                 return path
     available = available_builtin_configs()
-    listing = ", ".join(available) if available else "none found (is the repository's configs/ folder missing?)"
+    listing = ", ".join(available) if available else "none found (clipvis/configs/ is missing from this installation: reinstall clipvis)"
     raise ConfigError(f"No shipped config named {name!r}. Available: {listing}.")
 

@@ -408,3 +408,32 @@ def test_old_config_version_is_refused(tmp_path):
     path = _write(tmp_path / "v1.yaml", "VERSION: 1\n")
     with pytest.raises(ConfigError, match="VERSION"):
         load_config(path)
+
+
+# ----------------------------------------------------------------------------- component keys
+@pytest.mark.parametrize("key, value", [
+    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN"),
+    ("MODEL.BACKBONE.NAME", "build_resnet_backbone"),
+    ("MODEL.SEM_SEG_HEAD.NAME", "SemSegFPNHead"),
+    ("MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "BasePixelDecoder"),
+    ("MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME", "StandardTransformerDecoder"),
+    ("INPUT.FORMAT", "BGR"),
+])
+def test_component_keys_select_or_refuse(key, value):
+    """A key that names a component is checked before anything is built: an unsupported value is a
+    ConfigError naming the key, the value and what is supported."""
+    from clipvis.modeling.meta_arch import SUPPORTED_COMPONENTS, build_model
+
+    cfg = load_config(builtin_config("clipvis_video_tiny.yaml"), [key, value])
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg)
+    message = str(info.value)
+    assert key in message and repr(value) in message
+    assert all(name in message for name in SUPPORTED_COMPONENTS[key])
+
+
+def test_config_without_base_is_refused_not_run_as_defaults():
+    from clipvis.modeling.meta_arch import build_model
+
+    with pytest.raises(ConfigError, match="_BASE_"):
+        build_model(load_config())

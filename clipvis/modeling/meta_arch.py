@@ -6,12 +6,13 @@ Everything here is per frame: tracking and classification over time live in `cli
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipvis.errors import ConfigError
 from clipvis.modeling.clip_backbone import ClipBackbone
 from clipvis.modeling.mask_former_head import MaskFormerHead
 from clipvis.modeling.pixel_decoder import MSDeformAttnPixelDecoder
@@ -70,21 +71,52 @@ class ClipVis(nn.Module):
         return outputs, features["clip_vis_dense"]
 
 
+# The config keys that name a component, each with the components it can select. The image model (CLIPVIS)
+# and the video model (CLIPVIS_Video) are the same per-frame network; they differ in how training samples
+# data and how inference runs over frames, which the engine reads from the config.
+PIXEL_DECODERS: Dict[str, Callable[..., nn.Module]] = {"MSDeformAttnPixelDecoder": MSDeformAttnPixelDecoder}
+TRANSFORMER_DECODERS: Dict[str, Callable[..., nn.Module]] = {
+    "MultiScaleMaskedTransformerDecoder": MultiScaleMaskedTransformerDecoder}
+SUPPORTED_COMPONENTS: Dict[str, Tuple[str, ...]] = {
+    "MODEL.META_ARCHITECTURE": ("CLIPVIS", "CLIPVIS_Video"),
+    "MODEL.BACKBONE.NAME": ("CLIP",),
+    "MODEL.SEM_SEG_HEAD.NAME": ("MaskFormerHead",),
+    "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME": tuple(PIXEL_DECODERS),
+    "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME": tuple(TRANSFORMER_DECODERS),
+    # CLIP sees RGB; frames are read as RGB and PIXEL_MEAN / PIXEL_STD are in RGB order
+    "INPUT.FORMAT": ("RGB",),
+}
+
+
+def check_components(cfg) -> None:
+    """Refuse a config whose component keys (`SUPPORTED_COMPONENTS`) name something clipvis does not build,
+    with the supported values; a config without `_BASE_` keeps detectron2's defaults (GeneralizedRCNN, BGR),
+    which are refused here rather than silently run as CLIP-VIS."""
+    for key, supported in SUPPORTED_COMPONENTS.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node not in supported:
+            hint = " (does the config file lack `_BASE_`?)" if key == "MODEL.META_ARCHITECTURE" else ""
+            raise ConfigError(f"{key} {node!r} is not supported{hint}: use {' or '.join(supported)}")
+
+
 def build_model(cfg, load_clip_weights: bool = True) -> ClipVis:
     """A `ClipVis` built from a config (our `clipvis.config` CfgNode with the original's keys).
 
     With `load_clip_weights`, CLIP's weights come from `MODEL.FC_CLIP.CLIP_PRETRAINED_WEIGHTS` (a local file or
     an open_clip tag already in the local cache); pass False when a CLIP-VIS checkpoint, which holds them,
-    is loaded next.
+    is loaded next. Raises `ConfigError` for a component key naming something not supported (`check_components`).
     """
     from clipvis.config import register_open_clip_configs
 
+    check_components(cfg)
     register_open_clip_configs()  # our tiny CLIP definitions become known to open_clip
     pretrained = (cfg.MODEL.FC_CLIP.CLIP_PRETRAINED_WEIGHTS or None) if load_clip_weights else None
     backbone = ClipBackbone(cfg.MODEL.FC_CLIP.CLIP_MODEL_NAME, pretrained=pretrained)
     head_cfg = cfg.MODEL.SEM_SEG_HEAD
     mf = cfg.MODEL.MASK_FORMER
-    pixel_decoder = MSDeformAttnPixelDecoder(
+    pixel_decoder = PIXEL_DECODERS[head_cfg.PIXEL_DECODER_NAME](
         {k: v for k, v in backbone.output_shapes().items() if k in head_cfg.IN_FEATURES},
         conv_dim=head_cfg.CONVS_DIM,
         mask_dim=head_cfg.MASK_DIM,
@@ -97,7 +129,7 @@ def build_model(cfg, load_clip_weights: bool = True) -> ClipVis:
         transformer_dropout=mf.DROPOUT,
         transformer_n_points=head_cfg.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
     )
-    predictor = MultiScaleMaskedTransformerDecoder(
+    predictor = TRANSFORMER_DECODERS[mf.TRANSFORMER_DECODER_NAME](
         head_cfg.CONVS_DIM,
         hidden_dim=mf.HIDDEN_DIM,
         num_queries=mf.NUM_OBJECT_QUERIES,

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from clipvis.data.datasets import (
-    IMAGE_SPLITS,
-    VIDEO_SPLITS,
     ImageDataset,
     VideoDataset,
+    dataset_entry,
     dataset_paths,
     get_dataset,
     list_datasets,
@@ -163,17 +162,17 @@ def test_registry_resolves_under_env_root(tmp_path, monkeypatch):
     ds = get_dataset("lvvis_val")
     assert ds.name == "lvvis_val" and ds.frames_root == frames and ds.evaluation_mode == "lvvis"
 
-    _write(tmp_path / VIDEO_SPLITS["ytvis_2019_test"][1], _video_json(False, with_annotations=False))
+    _write(tmp_path / dataset_entry("ytvis_2019_test").json_file, _video_json(False, with_annotations=False))
     assert not get_dataset("ytvis_2019_test").has_annotations
 
     lvis_src = _write(tmp_path / "lvis" / "lvis_v1_train.json", _lvis_json())
     remove_rare_categories(lvis_src)
     norare = get_dataset("lvis_v1_train_norare")
-    assert isinstance(norare, ImageDataset) and norare.image_root == tmp_path / IMAGE_SPLITS["lvis_v1_train_norare"][0]
+    assert isinstance(norare, ImageDataset) and norare.image_root == tmp_path / dataset_entry("lvis_v1_train_norare").root
     assert sum(len(r["annotations"]) for r in norare.records) == 2
 
     other = tmp_path / "elsewhere"
-    _write(other / VIDEO_SPLITS["ovis_val"][1], _video_json(False))
+    _write(other / dataset_entry("ovis_val").json_file, _video_json(False))
     assert get_dataset("ovis_val", root=other).frames_root == other / "ovis/valid"
 
 
@@ -189,5 +188,30 @@ def test_registry_errors(tmp_path, monkeypatch):
 def test_default_root_is_cwd_datasets(tmp_path, monkeypatch):
     monkeypatch.delenv("CLIPVIS_DATASETS", raising=False)
     monkeypatch.chdir(tmp_path)
-    _write(tmp_path / "datasets" / VIDEO_SPLITS["lvvis_train"][1], _video_json(True))
+    _write(tmp_path / "datasets" / dataset_entry("lvvis_train").json_file, _video_json(True))
     assert get_dataset("lvvis_train").frames_root == Path("datasets") / "lvvis/train/JPEGImages"
+
+
+def test_a_registered_dataset_is_loaded_and_evaluated_by_name(tmp_path):
+    """A user adds a dataset without editing the library: register it, name it in DATASETS.TEST, evaluate."""
+    import torch
+
+    import clipvis
+    from clipvis.engine.evaluation import evaluate_datasets
+    from test_eval_only import TINY, write_mini_lvvis
+
+    gt = write_mini_lvvis(tmp_path / "mine", num_videos=2)
+    clipvis.register_video_dataset("my_videos", {"note": "test"}, gt, gt.parent / "JPEGImages")
+    clipvis.register_video_dataset("my_videos", {"note": "test"}, gt, gt.parent / "JPEGImages")  # same again: fine
+    with pytest.raises(ClipvisError, match="already registered"):
+        clipvis.register_video_dataset("my_videos", None, tmp_path / "other.json", tmp_path)
+    assert "my_videos" in list_datasets()
+    dataset = get_dataset("my_videos")
+    assert isinstance(dataset, VideoDataset) and len(dataset.videos) == 2
+
+    cfg = clipvis.load_config(TINY, ["DATASETS.TEST", '("my_videos",)', "OUTPUT_DIR", str(tmp_path / "out")])
+    torch.manual_seed(0)
+    metrics = evaluate_datasets(cfg, model=clipvis.build_model(cfg))
+    assert set(metrics) == {"my_videos"}
+    assert (tmp_path / "out" / "inference" / "my_videos" / "results.json").is_file()
+    assert (tmp_path / "out" / "inference" / "my_videos" / "metrics.json").is_file()

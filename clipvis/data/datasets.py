@@ -23,8 +23,53 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
-# name -> (frames or image root, annotation JSON), relative to the datasets root (as in the original)
-VIDEO_SPLITS: Dict[str, Tuple[str, str]] = {
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: where its frames (or images) and annotation JSON are, and free-form metadata
+    (e.g. ``{"evaluator": "lvvis"}``). Relative paths are resolved under the datasets root at load time."""
+
+    kind: str  # "video" or "image"
+    root: Path
+    json_file: Path
+    metadata: Tuple[Tuple[str, object], ...] = ()
+
+
+_REGISTRY: Dict[str, DatasetEntry] = {}
+
+
+def _register(kind: str, name: str, metadata: Optional[dict], json_file: PathLike, root: PathLike) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ClipvisError(f"a dataset name must be a non-empty string, got {name!r}")
+    entry = DatasetEntry(kind, Path(root), Path(json_file), tuple(sorted((metadata or {}).items())))
+    if name in _REGISTRY and _REGISTRY[name] != entry:
+        raise ClipvisError(f"dataset {name!r} is already registered (as {_REGISTRY[name].json_file}); choose another name")
+    _REGISTRY[name] = entry
+
+
+def register_video_dataset(name: str, metadata: Optional[dict], json_file: PathLike, image_root: PathLike) -> None:
+    """Make a YouTube-VIS-format video dataset known by `name` (to `get_dataset`, DATASETS.TRAIN / TEST,
+    evaluation), as detectron2's ``register_ytvis_instances(name, metadata, json_file, image_root)``.
+
+    json_file: the annotation JSON; image_root: the folder its ``file_names`` are relative to. Relative paths
+    are taken under the datasets root (``$CLIPVIS_DATASETS``, default ``./datasets``), absolute ones as they
+    are. Registering the same name twice with other paths is an error."""
+    _register("video", name, metadata, json_file, image_root)
+
+
+def register_image_dataset(name: str, metadata: Optional[dict], json_file: PathLike, image_root: PathLike) -> None:
+    """Make a COCO/LVIS-format instance segmentation image dataset known by `name` (for training), as
+    detectron2's ``register_coco_instances(name, metadata, json_file, image_root)``; paths as in
+    `register_video_dataset`."""
+    _register("image", name, metadata, json_file, image_root)
+
+
+def is_video_dataset(name: str) -> bool:
+    """Whether `name` is a registered video dataset."""
+    return name in _REGISTRY and _REGISTRY[name].kind == "video"
+
+
+# The built-in datasets, with the original's paths relative to the datasets root.
+for _name, (_root, _json) in {
     "ytvis_2019_train": ("ytvis2019/train/JPEGImages", "ytvis2019/train.json"),
     "ytvis_2019_val": ("ytvis2019/valid/JPEGImages", "ytvis2019/valid.json"),
     "ytvis_2019_test": ("ytvis2019/test/JPEGImages", "ytvis2019/test.json"),
@@ -36,14 +81,16 @@ VIDEO_SPLITS: Dict[str, Tuple[str, str]] = {
     "lvvis_val": ("lvvis/val/JPEGImages", "lvvis/val/val_instances_.json"),
     "lvvis_test": ("lvvis/test/JPEGImages", "lvvis/test/test_instances.json"),
     "burst_val": ("burst/val", "burst/b2y_val.json"),
-}
-IMAGE_SPLITS: Dict[str, Tuple[str, str]] = {
+}.items():
+    register_video_dataset(_name, None, _json, _root)
+for _name, (_root, _json) in {
     "coco_2017_train": ("coco/train2017", "coco/annotations/instances_train2017.json"),
     "coco_2017_val": ("coco/val2017", "coco/annotations/instances_val2017.json"),
     "lvis_v1_train": ("coco", "lvis/lvis_v1_train.json"),
     "lvis_v1_val": ("coco", "lvis/lvis_v1_val.json"),
     "lvis_v1_train_norare": ("coco", "lvis/lvis_v1_train_norare.json"),
-}
+}.items():
+    register_image_dataset(_name, None, _json, _root)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -233,20 +280,23 @@ def datasets_root(root: Optional[PathLike] = None) -> Path:
 
 
 def list_datasets() -> List[str]:
-    """Every registered dataset name (video splits, then image splits)."""
-    return list(VIDEO_SPLITS) + list(IMAGE_SPLITS)
+    """Every registered dataset name (the built-in video splits, the built-in image splits, then the user's)."""
+    return list(_REGISTRY)
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    """The registration of `name`; ClipvisError listing the known names if there is none."""
+    if name not in _REGISTRY:
+        raise ClipvisError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())} "
+                           "(add one with clipvis.register_video_dataset)")
+    return _REGISTRY[name]
 
 
 def dataset_paths(name: str, root: Optional[PathLike] = None) -> Tuple[Path, Path]:
-    """(frames or image root, annotation JSON) of a registered name under the datasets root."""
+    """(frames or image root, annotation JSON) of a registered name, relative paths under the datasets root."""
+    entry = dataset_entry(name)
     base = datasets_root(root)
-    if name in VIDEO_SPLITS:
-        folder, js = VIDEO_SPLITS[name]
-    elif name in IMAGE_SPLITS:
-        folder, js = IMAGE_SPLITS[name]
-    else:
-        raise ClipvisError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
-    return base / folder, base / js
+    return base / entry.root, base / entry.json_file
 
 
 def get_dataset(name: str, root: Optional[PathLike] = None) -> Union[VideoDataset, ImageDataset]:
@@ -255,7 +305,7 @@ def get_dataset(name: str, root: Optional[PathLike] = None) -> Union[VideoDatase
     Raises ClipvisError for an unknown name (listing the known ones) or a missing annotation file.
     """
     folder, js = dataset_paths(name, root)
-    if name in VIDEO_SPLITS:
+    if dataset_entry(name).kind == "video":
         return load_video_dataset(js, folder, name=name)
     return load_image_dataset(js, folder, name=name)
 

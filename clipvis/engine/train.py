@@ -169,12 +169,12 @@ def _seed_everything(cfg) -> int:
 def _video_test_config(cfg, output_dir: Path):
     """A copy of cfg evaluating only the video datasets of DATASETS.TEST, writing under `output_dir`
     (None when there is nothing to evaluate)."""
-    from clipvis.data.datasets import VIDEO_SPLITS
+    from clipvis.data.datasets import is_video_dataset, list_datasets
 
-    names = [n for n in cfg.DATASETS.TEST if n in VIDEO_SPLITS]
-    skipped = [n for n in cfg.DATASETS.TEST if n not in VIDEO_SPLITS]
+    names = [n for n in cfg.DATASETS.TEST if is_video_dataset(n)]
+    skipped = [n for n in cfg.DATASETS.TEST if not is_video_dataset(n)]
     if skipped and comm.is_main_process():
-        log.warning("periodic evaluation skips %s: only video datasets (%s) can be evaluated", skipped, ", ".join(VIDEO_SPLITS))
+        log.warning("periodic evaluation skips %s: only video datasets (%s) can be evaluated", skipped, ", ".join(filter(is_video_dataset, list_datasets())))
     if not names:
         return None
     test_cfg = cfg.clone()

@@ -130,3 +130,62 @@ def test_pretrained_file_of_another_model_is_a_checkpoint_error(tmp_path):
     torch.save({"weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match="could not load CLIP weights"):
         ClipBackbone("clipvis_tiny_convnext", pretrained=str(path))
+
+
+def test_a_new_tower_family_is_one_class_and_one_registration(tmp_path):
+    """Adding an image-tower family: a `ClipImageTower` subclass + `register_image_tower`, nothing else. Shown
+    with a toy tower for open_clip ViTs (patch tokens as one map, resized to the four strides) on a tiny ViT."""
+    import json
+
+    import open_clip
+    import torch.nn.functional as F
+    from open_clip.transformer import VisionTransformer
+
+    from clipvis.config import builtin_config, load_config
+    from clipvis.modeling.image_towers import IMAGE_TOWERS, ClipImageTower, register_image_tower
+    from clipvis.modeling.meta_arch import build_model
+
+    (tmp_path / "clipvis_test_tiny_vit.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 48, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(tmp_path / "clipvis_test_tiny_vit.json")
+
+    class PatchMapTower(ClipImageTower):
+        family = "test_vit"
+
+        @classmethod
+        def matches(cls, visual):
+            return isinstance(visual, VisionTransformer)
+
+        def output_shapes(self):
+            width = self.visual.conv1.out_channels
+            return {**{f"res{i}": (width, 2 ** i) for i in range(2, 6)}, "clip_vis_dense": (width, 32)}
+
+        def features(self, images):
+            grid = self.visual.conv1(images)  # [B, width, H/16, W/16]
+            size = images.shape[-2:]
+            out = {f"res{i}": F.interpolate(grid, size=(size[0] // 2 ** i, size[1] // 2 ** i)) for i in range(2, 6)}
+            out["clip_vis_dense"] = out["res5"]
+            return out
+
+        def pooled_embeddings(self, dense, binary):
+            pooled = torch.einsum("bchw,bqhw->bqc", dense, binary / (binary.sum((-2, -1), keepdim=True) + 1e-8))
+            return self.visual.ln_post(pooled) @ self.visual.proj
+
+    with pytest.raises(ClipvisError, match="does not support"):
+        ClipBackbone("clipvis_test_tiny_vit")
+    register_image_tower(PatchMapTower)
+    try:
+        cfg = load_config(builtin_config("clipvis_video_tiny.yaml"),
+                          ["MODEL.FC_CLIP.CLIP_MODEL_NAME", "clipvis_test_tiny_vit", "MODEL.FC_CLIP.CLIP_PRETRAINED_WEIGHTS", ""])
+        model = build_model(cfg).eval()
+        assert model.backbone.tower.family == "test_vit"
+        with torch.no_grad():
+            outputs, dense = model(torch.zeros(1, 3, 64, 96))
+        assert outputs["pred_masks"].shape == (1, model.num_queries, 16, 24)
+        masks = torch.randn(1, 3, *dense.shape[-2:])
+        assert model.backbone.pooled_embeddings(dense, masks).shape == (1, 3, 32)
+    finally:
+        IMAGE_TOWERS.pop("test_vit")

@@ -165,7 +165,7 @@ def test_mask_without_positive_pixel(data, backbone):
     logits = mask_class_logits(backbone, dense, masks, classifier, num_synonyms)
     reference = mask_class_logits(backbone, dense, tracked_masks(data)[:1], classifier, num_synonyms)
     assert_close(logits[:, 1:], reference[:, 1:], rel=1e-5, name="other masks")
-    if backbone.is_convnext:
+    if not backbone.tower.empty_mask_logits_zero:
         visual = backbone.clip_model.visual
         with torch.no_grad():
             empty = visual.head(visual.trunk.head(torch.zeros(1, dense.shape[1], 1, 1)))

@@ -2,9 +2,9 @@
 
 The image tower gives the multi-scale features the pixel decoder consumes (`res2`..`res5`)
 and the dense map (`clip_vis_dense`) that masks are pooled from for open-vocabulary
-classification; the text tower encodes class prompts. Two image-tower families are supported:
-timm ConvNeXt towers (`convnext_*`, e.g. `convnext_base_w_320`) and open_clip's modified
-ResNets (`RN50`, `RN101`, `RN50x4`, ...).
+classification; the text tower encodes class prompts. What differs between image-tower families
+(timm ConvNeXt towers `convnext_*`, open_clip's modified ResNets `RN*`) lives in
+`clipvis.modeling.image_towers`, one module per family; the text tower is shared.
 
 The whole CLIP model stays frozen in eval mode: no parameter requires a gradient and
 `.train()` on a parent module never switches its BatchNorms or dropouts to training mode.
@@ -12,22 +12,20 @@ The whole CLIP model stays frozen in eval mode: no parameter requires a gradient
 from __future__ import annotations
 
 import logging
-import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import open_clip
-from open_clip.modified_resnet import ModifiedResNet
 from open_clip.pretrained import get_pretrained_cfg, is_pretrained_cfg
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipvis.errors import CheckpointError, ClipvisError
+from clipvis.modeling.image_towers import FEATURE_STRIDES, ClipImageTower, image_tower_for
 
-FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32, "clip_vis_dense": 32}
+__all__ = ["ClipBackbone", "FEATURE_STRIDES"]
 
 
 @contextmanager
@@ -129,13 +127,8 @@ class ClipBackbone(nn.Module):
                     "check that the file belongs to this model"
                 ) from error
         self.model_name = model_name
-        visual = self.clip_model.visual
-        self.is_convnext = "convnext" in model_name.lower() and hasattr(visual, "trunk")
-        if not self.is_convnext and not isinstance(visual, ModifiedResNet):
-            raise ClipvisError(
-                f"CLIP model {model_name!r} has neither a ConvNeXt nor a ResNet image tower; "
-                "CLIP-VIS supports convnext_* and RN* models"
-            )
+        # the tower only reads clip_model.visual: it is not a submodule, so state-dict keys stay the original's
+        self.tower: ClipImageTower = image_tower_for(self.clip_model.visual, model_name)
         self._tokenizer = open_clip.get_tokenizer(model_name)
         for parameter in self.clip_model.parameters():
             parameter.requires_grad_(False)
@@ -157,35 +150,14 @@ class ClipBackbone(nn.Module):
 
     def output_shapes(self) -> dict[str, tuple[int, int]]:
         """{feature name: (channels, stride)} for res2..res5 and clip_vis_dense."""
-        visual = self.clip_model.visual
-        if self.is_convnext:
-            channels = [info["num_chs"] for info in visual.trunk.feature_info if "stages" in info["module"]]
-        else:
-            channels = [getattr(visual, f"layer{i}")[-1].bn3.num_features for i in range(1, 5)]
-        shapes = {f"res{i + 2}": (int(c), FEATURE_STRIDES[f"res{i + 2}"]) for i, c in enumerate(channels)}
-        shapes["clip_vis_dense"] = (shapes["res5"][0], FEATURE_STRIDES["clip_vis_dense"])
-        return shapes
+        return self.tower.output_shapes()
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """images [B,3,H,W], already normalized -> {"res2": [B,C2,H/4,W/4], "res3": [B,C3,H/8,W/8],
         "res4": [B,C4,H/16,W/16], "res5": [B,C5,H/32,W/32], "clip_vis_dense": [B,C5,H/32,W/32]}
         (sizes rounded as the convolutions round them)."""
-        visual = self.clip_model.visual
-        features: dict[str, Tensor] = {}
-        if self.is_convnext:
-            x = visual.trunk.stem(images)
-            for i, stage in enumerate(visual.trunk.stages):
-                x = stage(x)
-                features[f"res{i + 2}"] = x
-            features["clip_vis_dense"] = visual.trunk.norm_pre(x)
-        else:
-            x = visual.stem(images)
-            for i in range(1, 5):
-                x = getattr(visual, f"layer{i}")(x)
-                features[f"res{i + 1}"] = x
-            features["clip_vis_dense"] = x
-        return features
+        return self.tower.features(images)
 
     def text_tensors(self) -> list[Tensor]:
         """The text tower's parameters and buffers (everything of the CLIP model outside `visual` but the
@@ -232,56 +204,8 @@ class ClipBackbone(nn.Module):
     @torch.no_grad()
     def pooled_embeddings(self, dense: Tensor, masks: Tensor) -> Tensor:
         """dense [B,C,h,w] clip_vis_dense, masks [B,Q,h,w] mask logits at the dense resolution
-        -> [B,Q,D] CLIP image embeddings of each mask's region (pixels with logit > 0).
-
-        ConvNeXt: average of the dense features over the mask, then CLIP's head and projection.
-        ResNet: CLIP's attention pool with attention restricted to the mask; a mask with no
-        positive pixel gets a zero embedding (its class logits are zero)."""
+        -> [B,Q,D] CLIP image embeddings of each mask's region (pixels with logit > 0), as the
+        image tower's family pools them (`clipvis.modeling.image_towers`)."""
         if masks.shape[-2:] != dense.shape[-2:]:
             raise ValueError(f"masks {tuple(masks.shape)} must be at the dense size {tuple(dense.shape[-2:])}")
-        binary = (masks > 0).to(dense.dtype)
-        if self.is_convnext:
-            return self._pool_convnext(dense, binary)
-        return self._pool_resnet(dense, binary)
-
-    def _pool_convnext(self, dense: Tensor, binary: Tensor) -> Tensor:
-        """Masked average of dense [B,C,h,w] under binary masks [B,Q,h,w], then the trunk head
-        (LayerNorm) and the projection -> [B,Q,D]."""
-        batch, queries = binary.shape[:2]
-        area = binary.sum(dim=(-2, -1), keepdim=True) + 1e-8
-        pooled = torch.einsum("bchw,bqhw->bqc", dense, binary / area)
-        visual = self.clip_model.visual
-        embedded = visual.head(visual.trunk.head(pooled.reshape(batch * queries, -1, 1, 1)))
-        return embedded.reshape(batch, queries, -1)
-
-    def _pool_resnet(self, dense: Tensor, binary: Tensor) -> Tensor:
-        """CLIP's attention pool where each mask's query (the global mean token) attends only to
-        the pixels inside the mask. dense [B,C,h,w], binary [B,Q,h,w] -> [B,Q,D]."""
-        pool = self.clip_model.visual.attnpool
-        batch, channels, height, width = dense.shape
-        queries = binary.shape[1]
-        heads = pool.num_heads
-        head_dim = channels // heads
-
-        position = pool.positional_embedding.to(dense.dtype)  # [1 + s*s, C]
-        side = int(math.sqrt(position.shape[0] - 1))
-        grid = position[1:].t().reshape(1, channels, side, side)
-        grid = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-        pixels = dense.flatten(2).transpose(1, 2)  # [B, hw, C]
-        keys_values = pixels + grid.flatten(2).transpose(1, 2)
-        global_token = pixels.mean(dim=1, keepdim=True) + position[:1]  # [B, 1, C]
-
-        def split_heads(x: Tensor) -> Tensor:  # [B, L, C] -> [B, heads, L, C/heads]
-            return x.reshape(batch, x.shape[1], heads, head_dim).transpose(1, 2)
-
-        q = split_heads(F.linear(global_token, pool.q_proj.weight, pool.q_proj.bias))
-        k = split_heads(F.linear(keys_values, pool.k_proj.weight, pool.k_proj.bias))
-        v = split_heads(F.linear(keys_values, pool.v_proj.weight, pool.v_proj.bias))
-        inside = binary.flatten(2).bool()  # [B, Q, hw]
-        attended = F.scaled_dot_product_attention(
-            q.expand(-1, -1, queries, -1), k, v, attn_mask=inside[:, None]
-        )  # [B, heads, Q, C/heads]
-        attended = attended.transpose(1, 2).reshape(batch, queries, channels)
-        embedded = F.linear(attended, pool.c_proj.weight, pool.c_proj.bias)
-        empty = ~inside.any(dim=-1, keepdim=True)
-        return embedded.masked_fill(empty, 0.0)
+        return self.tower.pooled_embeddings(dense, (masks > 0).to(dense.dtype))

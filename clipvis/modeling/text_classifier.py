@@ -200,7 +200,7 @@ def mask_class_logits(
         )
         embeddings = backbone.pooled_embeddings(frame_dense, frame_masks)
         frame_logits = classification_logits(embeddings, classifier, backbone.logit_scale, num_synonyms)
-        if not backbone.is_convnext:
+        if backbone.tower.empty_mask_logits_zero:
             empty = ~(frame_masks > 0).flatten(2).any(dim=-1)
             frame_logits = frame_logits.masked_fill(empty[..., None], 0.0)
         logits.append(frame_logits)

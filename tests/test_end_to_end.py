@@ -31,7 +31,8 @@ from scipy.optimize import linear_sum_assignment
 
 from clipvis.checkpoint import IGNORED_OFFICIAL_KEYS, load_checkpoint
 from clipvis.config import builtin_config, load_config
-from clipvis.inference.predictor import VideoPredictor, Vocabulary
+from clipvis.inference.predictor import VideoPredictor
+from clipvis.modeling.text_classifier import Vocabulary
 from clipvis.modeling.text_classifier import parse_vocabulary
 
 from attention_replay import replay_attention_masks

@@ -16,7 +16,8 @@ import torch
 from clipvis.config import builtin_config, load_config
 from clipvis.errors import ConfigError
 from clipvis.inference.instance_selection import compare_instance_sets
-from clipvis.inference.predictor import VideoPredictor, Vocabulary
+from clipvis.inference.predictor import VideoPredictor
+from clipvis.modeling.text_classifier import Vocabulary
 from clipvis.modeling.text_classifier import parse_vocabulary
 
 from conftest import inference_fixture_paths, load_fixture, synthesize

@@ -4,8 +4,9 @@
     result = predictor.predict(frames, "person; dog, puppy; red car")   # frames: uint8 [T,H,W,3]
     result.scores, result.class_names, result.masks()                   # masks: bool [N,T,H,W]
 
-The video is processed window by window (`window_size` frames through backbone + decoder, one at a time), each frame
-is tracked and classified as soon as it is decoded, and only compact per-(query, frame) statistics are kept:
+The video is streamed by `clipvis.inference.streaming.stream_video` in windows of `window_size` frames, which are
+resized and padded together as in the original; `ClipVisVideoStep` then runs each frame through the model, the
+tracker and the CLIP head as soon as it is decoded, and keeps only compact per-(query, frame) statistics:
 the class probabilities, object logits and IoUs, two numbers summarising each stride-4 mask, and each
 query's mask at output resolution as a COCO RLE. Memory therefore does not grow with frames x queries x
 pixels, and the final instance selection is exactly the original's (see `instance_selection`).
@@ -13,18 +14,16 @@ pixels, and the final instance selection is exactly the original's (see `instanc
 from __future__ import annotations
 
 import logging
-import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 
-from clipvis.errors import ClipvisError, VideoError
+from clipvis.errors import ClipvisError
 from clipvis.inference.instance_selection import (
     ClassScoreAccumulator,
     frame_keep,
@@ -33,34 +32,16 @@ from clipvis.inference.instance_selection import (
     top_query_class_pairs,
 )
 from clipvis.inference.precision import precision_context, store_autocast_layers_in_bf16
+from clipvis.inference.streaming import Frames, StageTimer, as_uint8_frames, stream_video
 from clipvis.memory import page_out, release_freed_memory
 from clipvis.modeling.meta_arch import ClipVis
-from clipvis.modeling.text_classifier import build_text_classifier, mask_class_logits, parse_vocabulary
+from clipvis.modeling.text_classifier import Vocabulary, encode_vocabulary, mask_class_logits, parse_vocabulary
 from clipvis.modeling.tracker import TemporalTopKTracker
 
 log = logging.getLogger(__name__)
 
 # Queries whose masks are upsampled to output resolution at once (bounds peak memory at high resolution).
 UPSAMPLE_CHUNK = 16
-
-@dataclass
-class Vocabulary:
-    """Class names (each a list of synonyms) and their text embeddings.
-
-    classifier: `[S, D]` normalized text embeddings, S = total synonyms; num_synonyms: synonyms per class.
-    """
-
-    classes: List[List[str]]
-    classifier: torch.Tensor
-    num_synonyms: List[int]
-
-    @property
-    def names(self) -> List[str]:
-        """One display name per class: its synonyms joined by ', '."""
-        return [", ".join(c) for c in self.classes]
-
-    def __len__(self) -> int:
-        return len(self.classes)
 
 
 @dataclass
@@ -99,25 +80,6 @@ class VideoPrediction:
                 if rle is not None:
                     out[n, t] = mask_util.decode(rle).astype(bool)
         return out
-
-
-class StageTimer:
-    """Accumulates wall-clock seconds per named stage (`with timer("tracker"): ...`)."""
-
-    def __init__(self):
-        self.seconds: Dict[str, float] = defaultdict(float)
-
-    def __call__(self, stage: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[stage] += time.perf_counter() - self.start
-
-        return _Span()
 
 
 def logits_to_output_masks(
@@ -223,7 +185,52 @@ class _VideoState:
         )
 
 
-Frames = Union[np.ndarray, torch.Tensor]
+class ClipVisVideoStep:
+    """CLIP-VIS's model-specific part of `stream_video`: each window is resized and padded together (as the
+    original), then each frame goes through the model, the tracker, the CLIP head and mask encoding before
+    the next one, so only one frame's activations and outputs are ever alive (hundreds of MB at 480p,
+    whatever the window size). One frame per forward also measured fastest on CPU; outputs do not depend
+    on it. `finish` runs the original's instance selection over the whole video -> `VideoPrediction`."""
+
+    def __init__(self, predictor: "VideoPredictor", vocabulary: Vocabulary, keep_mask_logits: bool = False):
+        self.predictor = predictor
+        self.vocabulary = vocabulary
+        self.keep_mask_logits = keep_mask_logits
+        self.tracker = TemporalTopKTracker(memory=predictor.memory, topk=predictor.topk)
+        self.state: Optional[_VideoState] = None
+
+    def start(self, frame_size: Tuple[int, int]) -> None:
+        """A new video of frames `frame_size` (H, W): outputs are at that size."""
+        self.state = _VideoState(self.vocabulary, output_size=tuple(frame_size), keep_mask_logits=self.keep_mask_logits)
+
+    def process_window(self, window: torch.Tensor, timer: StageTimer) -> None:
+        """uint8 frames `[w,H,W,3]` -> the state extended by w tracked, classified, encoded frames."""
+        predictor, model, vocab, state = self.predictor, self.predictor.model, self.vocabulary, self.state
+        with timer("backbone + decoder"):
+            resized = predictor._resize(window)
+            images, image_size = model.preprocess(resized.permute(0, 3, 1, 2))
+        padded_size = tuple(images.shape[-2:])
+        permutations = []
+        for t in range(len(images)):
+            with timer("backbone + decoder"):
+                outputs, dense = predictor._run_model(images[t : t + 1])
+            with timer("tracker"):
+                index = self.tracker.step(outputs["pred_embds"][0]).to(images.device)  # [Q]
+                obj = outputs["pred_object_logits"][0, index]  # [Q,2]
+                ious = outputs["pred_ious"][0, index]  # [Q,1]
+                masks = outputs["pred_masks"][:, index]  # [1,Q,h4,w4]
+            with timer("CLIP head classification"):
+                class_logits = mask_class_logits(model.backbone, dense, masks, vocab.classifier, vocab.num_synonyms)
+            state.add_frame(class_logits[0], ious, obj, masks[0], padded_size, image_size, timer)
+            permutations.append(index.cpu())
+        state.permutations.append(torch.stack(permutations))
+
+    def finish(self, timer: StageTimer) -> VideoPrediction:
+        """The video's instances, sorted by score."""
+        with timer("instance selection"):
+            return self.state.finalize(self.predictor.num_instances)
+
+
 
 
 class VideoPredictor:
@@ -231,8 +238,8 @@ class VideoPredictor:
     -> the original's instance selection.
 
     model: a `ClipVis` with weights loaded; memory / topk: TEST.NUM_FRAME / TEST.NUM_TOPK;
-    num_instances: TEST.DETECTIONS_PER_IMAGE; window_size: frames per backbone/decoder batch (outputs do not
-    depend on it); min_size / max_size: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (0 = feed frames unresized);
+    num_instances: TEST.DETECTIONS_PER_IMAGE; window_size: frames decoded, resized and padded together (each
+    still goes through the model alone; outputs do not depend on it); min_size / max_size: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (0 = feed frames unresized);
     precision: TEST.PRECISION, "fp32" (the original's numbers) or "bf16" (backbone + decoder under bfloat16
     autocast; deviations measured in README "Speed").
     """
@@ -313,13 +320,9 @@ class VideoPredictor:
         if key not in self._vocabularies:
             backbone = self.model.backbone
             with torch.inference_mode():
-                if self.text_cache_dir is not None:
-                    from clipvis.modeling.text_classifier import cached_text_classifier
-
-                    classifier, num_synonyms = cached_text_classifier(backbone, classes, self.text_cache_dir)
-                else:
-                    classifier, num_synonyms = build_text_classifier(backbone, classes)
-            self._vocabularies[key] = Vocabulary(classes, classifier.to(self.model.device), list(num_synonyms))
+                vocab = encode_vocabulary(backbone, vocabulary, self.text_cache_dir)
+            vocab.classifier = vocab.classifier.to(self.model.device)
+            self._vocabularies[key] = vocab
             page_out(backbone.text_tensors())  # not needed again until the next vocabulary
         return self._vocabularies[key]
 
@@ -332,7 +335,7 @@ class VideoPredictor:
         keep_mask_logits: bool = False,
     ) -> VideoPrediction:
         """uint8 RGB frames `[T,H,W,3]` (numpy or torch) + vocabulary -> `VideoPrediction` with masks at `[H,W]`."""
-        frames = _as_uint8_frames(frames)
+        frames = as_uint8_frames(frames)
         windows = (frames[i : i + self.window_size] for i in range(0, len(frames), self.window_size))
         return self.predict_windows(windows, vocabulary, num_frames=len(frames), keep_mask_logits=keep_mask_logits)
 
@@ -347,55 +350,12 @@ class VideoPredictor:
         """Streaming form of `predict`: `windows` yields consecutive uint8 frame chunks `[w,H,W,3]` (e.g.
         `VideoSource.windows`); `num_frames` only sizes the progress bar."""
         vocab = self.encode_vocabulary(vocabulary)
-        timer = StageTimer()
-        tracker = TemporalTopKTracker(memory=self.memory, topk=self.topk)
-        state: Optional[_VideoState] = None
-        frame_shape = None
-        progress = _progress(num_frames, enabled=self.progress)
+        step = ClipVisVideoStep(self, vocab, keep_mask_logits=keep_mask_logits)
         with torch.inference_mode():
-            for window in _rewindow(windows, self.window_size):
-                window = _as_uint8_frames(window)
-                if frame_shape is None:
-                    frame_shape = window.shape[1:3]
-                    state = _VideoState(vocab, output_size=tuple(frame_shape), keep_mask_logits=keep_mask_logits)
-                elif window.shape[1:3] != frame_shape:
-                    raise VideoError(f"frames differ in size: {tuple(window.shape[1:3])} after {tuple(frame_shape)}; all frames of a video must have one size")
-                self._process_window(window, vocab, tracker, state, timer)
-                progress.update(len(window))
-        progress.close()
-        if state is None or state.num_frames == 0:
-            raise VideoError("the video has no frames")
-        with timer("instance selection"):
-            result = state.finalize(self.num_instances)
-        result.timings = dict(timer.seconds)
+            result, timings = stream_video(windows, step, window_size=self.window_size, num_frames=num_frames,
+                                           progress=self.progress)
+        result.timings = timings
         return result
-
-    def _process_window(self, window: torch.Tensor, vocab: Vocabulary, tracker, state: _VideoState, timer: StageTimer) -> None:
-        """uint8 frames `[w,H,W,3]` -> `state` extended by w tracked, classified, encoded frames. The window is
-        resized and padded together (as the original); then each frame goes through the model, the tracker, the
-        CLIP head and mask encoding before the next one, so only one frame's activations and outputs are ever alive
-        (hundreds of MB at 480p, whatever the window size). One frame per forward also measured fastest (2 CPU
-        threads, 360x480: 1.33 s/frame vs 1.44 with 4 frames per forward); outputs do not depend on it."""
-        model = self.model
-        with timer("backbone + decoder"):
-            resized = self._resize(window)
-            images, image_size = model.preprocess(resized.permute(0, 3, 1, 2))
-        padded_size = tuple(images.shape[-2:])
-        permutations = []
-        for t in range(len(images)):
-            with timer("backbone + decoder"):
-                outputs, dense = self._run_model(images[t : t + 1])
-            with timer("tracker"):
-                index = tracker.step(outputs["pred_embds"][0]).to(images.device)  # [Q]
-                obj = outputs["pred_object_logits"][0, index]  # [Q,2]
-                ious = outputs["pred_ious"][0, index]  # [Q,1]
-                masks = outputs["pred_masks"][:, index]  # [1,Q,h4,w4]
-            with timer("CLIP head classification"):
-                class_logits = mask_class_logits(model.backbone, dense, masks, vocab.classifier, vocab.num_synonyms)
-            state.add_frame(class_logits[0], ious, obj, masks[0], padded_size, image_size, timer)
-            permutations.append(index.cpu())
-        state.permutations.append(torch.stack(permutations))
-        release_freed_memory()  # stops heap fragmentation from growing over the windows of a long video
 
     def _run_model(self, image: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """One normalized padded frame `[1,3,H,W]` -> (final decoder outputs, clip_vis_dense `[1,C,h32,w32]`),
@@ -449,47 +409,3 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     elif dev.type != "cpu":
         raise ClipvisError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
     return dev
-
-
-def _as_uint8_frames(frames: Frames) -> torch.Tensor:
-    """numpy/torch uint8 `[T,H,W,3]` -> torch uint8 `[T,H,W,3]`, with clear errors for anything else."""
-    if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(np.ascontiguousarray(frames))
-    if not torch.is_tensor(frames):
-        raise VideoError(f"frames must be a uint8 array [T,H,W,3], got {type(frames).__name__}")
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise VideoError(f"frames must have shape [T,H,W,3] (RGB), got {tuple(frames.shape)}")
-    if frames.dtype != torch.uint8:
-        raise VideoError(f"frames must be uint8 (0..255), got {frames.dtype}")
-    if frames.shape[0] == 0:
-        raise VideoError("the video has no frames")
-    return frames
-
-
-def _rewindow(windows: Iterable[Frames], size: int) -> Iterator[Frames]:
-    """Re-chunk an iterable of frame chunks into chunks of exactly `size` frames (the last may be shorter)."""
-    pending: List[torch.Tensor] = []
-    count = 0
-    for chunk in windows:
-        chunk = _as_uint8_frames(chunk)
-        if pending and chunk.shape[1:] != pending[0].shape[1:]:
-            raise VideoError(
-                f"frames differ in size: {tuple(chunk.shape[1:3])} after {tuple(pending[0].shape[1:3])}; "
-                "all frames of a video must have one size"
-            )
-        pending.append(chunk)
-        count += len(chunk)
-        while count >= size:
-            merged = torch.cat(pending) if len(pending) > 1 else pending[0]
-            yield merged[:size]
-            rest = merged[size:]
-            pending, count = ([rest] if len(rest) else []), len(rest)
-    if count:
-        yield torch.cat(pending) if len(pending) > 1 else pending[0]
-
-
-def _progress(total: Optional[int], enabled: bool):
-    from tqdm import tqdm
-
-    disabled = not enabled or logging.getLogger("clipvis").getEffectiveLevel() > logging.INFO
-    return tqdm(total=total, unit="frame", desc="inference", disable=disabled, leave=False)

@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,37 @@ def cached_text_classifier(
         if os.path.exists(temporary):
             os.remove(temporary)
     return classifier, num_synonyms
+
+
+@dataclass
+class Vocabulary:
+    """Class names (each a list of synonyms) and their text embeddings.
+
+    classifier: `[S, D]` normalized text embeddings, S = total synonyms; num_synonyms: synonyms per class.
+    """
+
+    classes: list[list[str]]
+    classifier: Tensor
+    num_synonyms: list[int]
+
+    @property
+    def names(self) -> list[str]:
+        """One display name per class: its synonyms joined by ', '."""
+        return [", ".join(c) for c in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+@torch.no_grad()
+def encode_vocabulary(
+    backbone: "ClipBackbone", vocabulary: str | Sequence[str], cache_dir: Path | None = None
+) -> Vocabulary:
+    """Class names ("person; dog, puppy" or a list; ',' separates synonyms) -> `Vocabulary` with the text
+    classifier of the backbone's text tower (cached on disk in `cache_dir` when given)."""
+    classes = parse_vocabulary(vocabulary)
+    classifier, num_synonyms = cached_text_classifier(backbone, classes, cache_dir)
+    return Vocabulary(classes, classifier, list(num_synonyms))
 
 
 def classification_logits(

@@ -119,3 +119,44 @@ def parse_overrides(opts: List[str]) -> List[str]:
     if len(opts) % 2:
         raise SystemExit("overrides must be KEY VALUE pairs")
     return list(opts)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo, else platform), so a number is never quoted without its machine."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of a size x size matmul at the current thread count (a warm-up call first)."""
+    import time
+
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * size ** 3 / best / 1e9
+
+
+def machine_report() -> dict:
+    """CPU model, torch's CPU capability, threads, and the measured fp32 / bf16 matmul peaks."""
+    return {
+        "cpu": cpu_model(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "matmul_gflops_fp32": round(matmul_peak_gflops(torch.float32), 1),
+        "matmul_gflops_bf16": round(matmul_peak_gflops(torch.bfloat16), 1),
+    }

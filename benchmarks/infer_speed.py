@@ -6,7 +6,8 @@ Prints one JSON line: total seconds (the wall time of `predict`), frames/s, seco
 decoder, tracker, CLIP head classification, instance selection, and mask encoding to output-resolution RLE),
 the sum of the first four (the original's table: it has no mask encoding, which it does for the selected
 masks in its evaluator), peak RSS of the whole process, before inference (model building, weight loading,
-text encoding) and of inference alone. Text encoding is excluded from the timings (done before).
+text encoding) and of inference alone. Text encoding is excluded from the timings (done before). With them:
+the CPU model, torch's CPU capability and the measured fp32 / bf16 matmul peak of this machine (`machine`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_predictor, parse_overrides, peak_rss_report, start_inference_peak_rss  # noqa: E402
+from common import build_predictor, machine_report, parse_overrides, peak_rss_report, start_inference_peak_rss  # noqa: E402
 
 STAGES = ("backbone + decoder", "tracker", "CLIP head classification", "instance selection")
 
@@ -67,6 +68,7 @@ def main() -> None:
         "stages_s": {k: round(timings.get(k, 0.0), 4) for k in STAGES},
         "mask_encoding_s": round(timings.get("mask encoding", 0.0), 4),
         **peak_rss_report(rss_before),
+        "machine": machine_report(),
     }
     print(json.dumps(report))
 

@@ -76,7 +76,7 @@ def _check_fusion_shapes(class_logits: Tensor, ious: Tensor, object_logits: Tens
     """Raise ClipvisError unless the three inputs share their leading dims and have trailing 1 / 2."""
     lead = class_logits.shape[:-1]
     if ious.shape != (*lead, 1) or object_logits.shape != (*lead, 2):
-        raise ClipvisError(
+        raise AssertionError(
             f"score fusion got class logits {tuple(class_logits.shape)}, ious {tuple(ious.shape)} and object logits "
             f"{tuple(object_logits.shape)}; expected [..., K], [..., 1] and [..., 2] with the same leading dims"
         )
@@ -105,7 +105,7 @@ class ClassScoreAccumulator:
         """
         _check_fusion_shapes(class_logits, iou, object_logits)
         if self._quality_sum is not None and class_logits.shape != self._quality_sum.shape:
-            raise ClipvisError(
+            raise AssertionError(
                 f"frame class logits have shape {tuple(class_logits.shape)} but earlier frames had "
                 f"{tuple(self._quality_sum.shape)}; every frame needs the same queries and vocabulary"
             )
@@ -123,7 +123,7 @@ class ClassScoreAccumulator:
     def finalize(self) -> Tensor:
         """-> [Q, K] final class scores of the frames added so far."""
         if self._quality_sum is None:
-            raise ClipvisError("ClassScoreAccumulator.finalize() called before any frame was added")
+            raise AssertionError("ClassScoreAccumulator.finalize() called before any frame was added")
         quality = self._quality_sum / self.num_frames
         mean_object_logits = self._object_logit_sum / self.num_frames
         return (quality * _object_probability(mean_object_logits)) ** 0.5
@@ -141,7 +141,7 @@ def top_query_class_pairs(final_cls_score: Tensor, num: int) -> tuple[Tensor, Te
         decreasing score.
     """
     if final_cls_score.dim() != 2:
-        raise ClipvisError(f"final class scores must be [Q, K], got shape {tuple(final_cls_score.shape)}")
+        raise AssertionError(f"final class scores must be [Q, K], got shape {tuple(final_cls_score.shape)}")
     if int(num) < 1:
         raise ClipvisError(f"number of instances per video must be at least 1, got {num}; set TEST.DETECTIONS_PER_IMAGE")
     num_classes = final_cls_score.shape[1]
@@ -228,7 +228,7 @@ def select_instances(
         or masks.dim() != 4
         or masks.shape[:2] != (num_queries, num_frames)
     ):
-        raise ClipvisError(
+        raise AssertionError(
             f"select_instances got final scores {tuple(final_cls_score.shape)}, per-frame probs "
             f"{tuple(per_frame_cls_prob.shape)}, object logits {tuple(per_frame_object_logits.shape)} and masks "
             f"{tuple(masks.shape)}; expected [Q, K], [Q, T, K], [Q, T, 2] and [Q, T, h, w]"

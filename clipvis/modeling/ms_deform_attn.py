@@ -55,7 +55,7 @@ def multi_scale_deformable_attention(
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     sizes = level_sizes(spatial_shapes)
     if len(sizes) != num_levels or sum(h * w for h, w in sizes) != total:
-        raise ClipvisError(
+        raise AssertionError(
             f"deformable attention got value maps of {total} positions and sampling points for "
             f"{num_levels} levels, which do not match the level sizes {sizes}; pass the value maps "
             "and spatial shapes of the same levels"
@@ -131,7 +131,7 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, sampling_locations
     neighbours = (neighbours * heads).view(-1, 1, 4).expand(-1, num_points, 4).reshape(num_samples, 4)
     exact_limit = 2 ** 24 if dtype == torch.float32 else 2 ** 53
     if table.shape[0] >= exact_limit:
-        raise ClipvisError(f"deformable attention over {table.shape[0]} value rows is too large; use smaller windows")
+        raise ClipvisError(f"deformable attention over {table.shape[0]} value rows is too large for exact float32 indexing; use a smaller input size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)")
     index_dtype = torch.int32 if table.shape[0] < 2 ** 31 else torch.int64
     rows = (rows.view(count, num_samples, 1) + neighbours).to(index_dtype).clamp_(0, table.shape[0] - 1)
 
@@ -213,7 +213,7 @@ class MSDeformAttn(nn.Module):
         batch, num_queries, _ = query.shape
         _, total, _ = input_flatten.shape
         if reference_points.shape[-1] != 2:
-            raise ClipvisError(
+            raise AssertionError(
                 f"reference points must be (x, y) pairs, got last dimension {reference_points.shape[-1]}"
             )
         sizes = level_sizes(input_spatial_shapes)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from clipvis.errors import ClipvisError, ConfigError
+from clipvis.errors import ConfigError
 from clipvis.modeling.ms_deform_attn import MSDeformAttn
 
 __all__ = ["sine_position_encoding", "MSDeformAttnPixelDecoder"]
@@ -254,7 +254,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """
         missing = [name for name in self.in_features if name not in features]
         if missing:
-            raise ClipvisError(
+            raise AssertionError(
                 f"pixel decoder input lacks the backbone features {missing}; pass all of {self.in_features}")
         srcs, pos = [], []
         for projection, name in zip(self.input_proj, reversed(self.transformer_in_features)):

@@ -76,14 +76,14 @@ class TemporalTopKTracker:
             (identity on the first frame). The memory is updated with ``embeddings[perm]``.
         """
         if embeddings.dim() != 2:
-            raise ClipvisError(f"tracker expects one frame's embeddings [Q, C], got shape {tuple(embeddings.shape)}")
+            raise AssertionError(f"tracker expects one frame's embeddings [Q, C], got shape {tuple(embeddings.shape)}")
         unit_current = _unit_rows(embeddings.detach())
         if not self._unit_memory:
             perm = torch.arange(embeddings.shape[0], dtype=torch.long)
         else:
             expected = self._unit_memory[-1].shape
             if unit_current.shape != expected:
-                raise ClipvisError(
+                raise AssertionError(
                     f"frame embeddings have shape {tuple(unit_current.shape)} but the tracks have {tuple(expected)}; "
                     "every frame of a video must have the same number of queries and channels (call reset() between videos)"
                 )
@@ -128,9 +128,9 @@ def track_queries(embeddings: Tensor, memory: int = 9, topk: int = 5) -> Tensor:
         (row 0 is the identity); use :func:`apply_permutations` to reorder per-query outputs.
     """
     if embeddings.dim() != 3:
-        raise ClipvisError(f"track_queries expects embeddings [T, Q, C], got shape {tuple(embeddings.shape)}")
+        raise AssertionError(f"track_queries expects embeddings [T, Q, C], got shape {tuple(embeddings.shape)}")
     if embeddings.shape[0] == 0:
-        raise ClipvisError("track_queries got a video with no frames; give at least one frame")
+        raise AssertionError("track_queries got a video with no frames; give at least one frame")
     tracker = TemporalTopKTracker(memory=memory, topk=topk)
     return torch.stack([tracker.step(frame) for frame in embeddings])
 
@@ -145,7 +145,7 @@ def apply_permutations(x: Tensor, perms: Tensor) -> Tensor:
         [T, Q, ...] with ``out[t] = x[t][perms[t]]``.
     """
     if x.shape[:2] != perms.shape:
-        raise ClipvisError(
+        raise AssertionError(
             f"apply_permutations: x has leading shape {tuple(x.shape[:2])} but perms has shape {tuple(perms.shape)}; "
             "both must be [T, Q]"
         )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from clipvis.errors import ClipvisError, ConfigError
+from clipvis.errors import ConfigError
 from clipvis.modeling.pixel_decoder import sine_position_encoding
 
 __all__ = ["MLP", "MultiScaleMaskedTransformerDecoder", "attention_mask_from_masks", "hidden_positions"]
@@ -249,7 +249,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             heads on the learnable queries}`.
         """
         if len(multi_scale_features) != self.num_feature_levels:
-            raise ClipvisError(
+            raise AssertionError(
                 f"the transformer decoder needs {self.num_feature_levels} feature maps, got {len(multi_scale_features)}"
             )
         batch = mask_features.shape[0]

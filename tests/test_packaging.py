@@ -3,6 +3,7 @@ loads each of them and runs the demo."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,10 +18,14 @@ SHIPPED = sorted(p.name for p in (REPO_ROOT / "clipvis" / "configs").glob("*.yam
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """A wheel built from the working tree (no build isolation: the test environment has setuptools)."""
+    """A wheel built from a clean copy of the working tree (no stale build/ folder can leak into it; no build
+    isolation: the test environment has setuptools)."""
+    source = tmp_path_factory.mktemp("source") / "clipvis"
+    shutil.copytree(REPO_ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "output", "clipvis_demo"))
     out = tmp_path_factory.mktemp("wheel")
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO_ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         capture_output=True, text=True)
     if built.returncode != 0:
         pytest.fail(f"building the wheel failed:\n{built.stdout}\n{built.stderr}")

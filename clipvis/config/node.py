@@ -36,10 +36,6 @@ class CfgNode(_YacsNode):
         for source, values in read_config_chain(path):
             self._merge_mapping(values, source=f"config file {source}")
 
-    def merge_from_other_cfg(self, other: Mapping, source: str = "another config") -> None:
-        """Merge a (possibly nested) mapping of KEY: value into this node, key by key."""
-        self._merge_mapping(other, source=source)
-
     def merge_from_list(self, overrides: Sequence[Any], source: str = COMMAND_LINE) -> None:
         """Merge `["A.B.KEY", "VALUE", ...]` pairs in order (each VALUE text read with `ast.literal_eval` as
         detectron2 does, e.g. '("lvvis_val",)' -> a tuple; text that is no literal stays text)."""

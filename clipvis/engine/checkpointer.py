@@ -64,10 +64,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 class Checkpointer:
     """Saves and restores the training state of `model` (DDP-wrapped or not), its optimizer, LR scheduler and
     AMP grad scaler in `output_dir`. All processes call :meth:`save` (it gathers RNG states); rank 0 writes."""
@@ -86,7 +82,7 @@ class Checkpointer:
         if not comm.is_main_process():
             return None
         data = {
-            "model": model_to_official_keys(_unwrap(self.model).state_dict()),
+            "model": model_to_official_keys(comm.unwrap_model(self.model).state_dict()),
             "iteration": int(iteration),
             "world_size": comm.world_size(),
             "rng": states,
@@ -126,7 +122,7 @@ class Checkpointer:
             data = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
             raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-        load_checkpoint(_unwrap(self.model), data["model"], source=str(path))
+        load_checkpoint(comm.unwrap_model(self.model), data["model"], source=str(path))
         for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("grad_scaler", self.grad_scaler)):
             if target is None:
                 continue
@@ -152,4 +148,4 @@ def restore_rng(checkpoint: dict) -> None:
 def load_weights(model: torch.nn.Module, path) -> None:
     """Fine-tuning start: load MODEL.WEIGHTS (an original CLIP-VIS checkpoint or one of ours) into the model,
     strictly (every key must fit; the CheckpointError says which config value to change)."""
-    load_checkpoint(_unwrap(model), str(path))
+    load_checkpoint(comm.unwrap_model(model), str(path))

@@ -98,3 +98,8 @@ def _worker(local_rank: int, main: Callable, args: tuple, per_machine: int, mach
         MASTER_ADDR=addr, MASTER_PORT=port,
     )
     main(*args)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the model itself when it is not wrapped)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

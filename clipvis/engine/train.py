@@ -66,7 +66,7 @@ def training_losses(model, criterion, samples: List[dict], amp: bool = False) ->
 
     model: a `ClipVis` in training mode (or its DDP wrapper); criterion: `SetCriterion`. With `amp`,
     the forward and losses run under CUDA float16 autocast (as the original's AMP trainer)."""
-    core = model.module if hasattr(model, "module") else model
+    core = comm.unwrap_model(model)
     images, targets = batch_inputs(samples, core.pixel_mean, core.pixel_std, core.size_divisibility)
     with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         outputs, _ = model(images)
@@ -191,7 +191,7 @@ def _evaluate(cfg, model, device: str, iteration: int) -> dict:
     test_cfg = _video_test_config(cfg, Path(cfg.OUTPUT_DIR) / "eval" / f"iter_{iteration:07d}")
     if test_cfg is None:
         return {}
-    core = model.module if hasattr(model, "module") else model
+    core = comm.unwrap_model(model)
     core.eval()
     try:
         with torch.no_grad():

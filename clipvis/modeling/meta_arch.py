@@ -108,10 +108,7 @@ def build_model(cfg, load_clip_weights: bool = True) -> ClipVis:
     an open_clip tag already in the local cache); pass False when a CLIP-VIS checkpoint, which holds them,
     is loaded next. Raises `ConfigError` for a component key naming something not supported (`check_components`).
     """
-    from clipvis.config import register_open_clip_configs
-
     check_components(cfg)
-    register_open_clip_configs()  # our tiny CLIP definitions become known to open_clip
     pretrained = (cfg.MODEL.FC_CLIP.CLIP_PRETRAINED_WEIGHTS or None) if load_clip_weights else None
     backbone = ClipBackbone(cfg.MODEL.FC_CLIP.CLIP_MODEL_NAME, pretrained=pretrained)
     head_cfg = cfg.MODEL.SEM_SEG_HEAD

@@ -76,8 +76,9 @@ def read_vocabulary(args) -> tuple:
         categories = categories.get("categories")
     if not isinstance(categories, list) or not categories or not all(isinstance(c, dict) and "name" in c for c in categories):
         raise VocabularyError(f"{path} has no 'categories' list with 'name' fields (expected a LV-VIS / YouTube-VIS annotation file)")
-    categories = sorted(categories, key=lambda c: c.get("id", 0))
-    return [c["name"].replace("_", " ") for c in categories], [int(c.get("id", i + 1)) for i, c in enumerate(categories)]
+    from clipvis.data.datasets import category_vocabulary
+
+    return category_vocabulary(categories)
 
 
 def check_output_folder(out: Path) -> None:

@@ -141,7 +141,7 @@ class VideoDataset:
     @property
     def class_names(self) -> List[str]:
         """Category names in category-id order."""
-        return [c["name"] for c in sorted(self.categories, key=lambda c: c["id"])]
+        return [c["name"] for c in sorted(self.categories, key=lambda c: c["id"])]  # verbatim (no '_' -> ' ')
 
     def frame_paths(self, video: dict) -> List[Path]:
         """Absolute frame paths of one video record."""
@@ -193,7 +193,7 @@ class ImageDataset:
     @property
     def class_names(self) -> List[str]:
         """Category names in category-id order."""
-        return [c["name"] for c in sorted(self.categories, key=lambda c: c["id"])]
+        return [c["name"] for c in sorted(self.categories, key=lambda c: c["id"])]  # verbatim (no '_' -> ' ')
 
 
 def load_video_dataset(json_path: PathLike, frames_root: PathLike, name: Optional[str] = None) -> VideoDataset:
@@ -272,6 +272,14 @@ def load_image_dataset(json_path: PathLike, image_root: PathLike, name: Optional
                 record[key] = img[key]
         records.append(record)
     return ImageDataset(name or json_path.stem, json_path, image_root, records, list(data["categories"]))
+
+
+def category_vocabulary(categories: List[dict]) -> Tuple[List[str], List[int]]:
+    """Dataset categories (``{"id", "name"}``) -> (class names in id order with '_' as spaces, their ids).
+    A category without ``id`` gets its 1-based position."""
+    numbered = [(int(c.get("id", i + 1)), c["name"]) for i, c in enumerate(categories)]
+    numbered.sort(key=lambda item: item[0])
+    return [name.replace("_", " ") for _, name in numbered], [i for i, _ in numbered]
 
 
 def datasets_root(root: Optional[PathLike] = None) -> Path:

@@ -10,18 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, Optional, Set
 
+from clipvis.data.datasets import category_vocabulary
 from clipvis.engine import distributed as comm
 from clipvis.errors import ClipvisError
 
 log = logging.getLogger(__name__)
-
-
-def category_vocabulary(categories: List[dict]) -> tuple:
-    """Dataset categories -> (class names in id order with '_' as spaces, their category ids)."""
-    cats = sorted(categories, key=lambda c: c["id"])
-    return [c["name"].replace("_", " ") for c in cats], [int(c["id"]) for c in cats]
 
 
 def _done_videos(part: Path) -> Set[int]:

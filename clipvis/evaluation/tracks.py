@@ -26,7 +26,7 @@ JsonLike = Union[dict, list, str, Path]
 
 
 @dataclass
-class VideoInfo:
+class GroundTruthVideo:
     """One video of the ground truth: its id, frame size and number of frames."""
 
     id: int
@@ -59,7 +59,7 @@ class Track:
 class GroundTruth:
     """A parsed ground-truth file: videos by id, the category list (file order) and GT tracks."""
 
-    videos: Dict[int, VideoInfo]
+    videos: Dict[int, GroundTruthVideo]
     categories: List[dict]
     tracks: List[Track] = field(default_factory=list)
     has_annotations: bool = True
@@ -105,7 +105,7 @@ def _segmentation_to_rle(segm: Any, height: int, width: int, where: str) -> Opti
     return segm
 
 
-def _frame_rles(segms: Any, video: VideoInfo, where: str) -> List[Optional[dict]]:
+def _frame_rles(segms: Any, video: GroundTruthVideo, where: str) -> List[Optional[dict]]:
     """Per-frame RLEs of one track, checked against the video's frame count and size."""
     if not isinstance(segms, list):
         raise ClipvisError(f"{where}: 'segmentations' must be a list with one entry per frame")
@@ -153,11 +153,11 @@ def load_ground_truth(gt: JsonLike, truncate_areas: bool) -> GroundTruth:
     data = read_json(gt, "ground-truth")
     if not isinstance(data, dict) or "videos" not in data or "categories" not in data:
         raise ClipvisError("ground truth must be a YouTube-VIS/LV-VIS JSON object with 'videos' and 'categories'")
-    videos: Dict[int, VideoInfo] = {}
+    videos: Dict[int, GroundTruthVideo] = {}
     for v in data["videos"]:
         try:
             length = int(v["length"]) if "length" in v else len(v["file_names"])
-            videos[v["id"]] = VideoInfo(v["id"], int(v["height"]), int(v["width"]), length)
+            videos[v["id"]] = GroundTruthVideo(v["id"], int(v["height"]), int(v["width"]), length)
         except KeyError as e:
             raise ClipvisError(f"ground-truth video {v.get('id', '?')} lacks the field {e}") from e
     categories = list(data["categories"])

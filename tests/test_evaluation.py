@@ -24,7 +24,7 @@ from clipvis.evaluation import (
 )
 from clipvis.evaluation.tracks import load_ground_truth, load_results
 from clipvis.evaluation.video_ap import MODE_RULES, compute_video_ap
-from conftest import REPO_ROOT, reference_dir
+from conftest import REPO_ROOT, reference_dir, skip_without_reference
 
 TOL = 1e-12
 MODE_KEYS = {"lvvis": "lvviseval", "ytvis": "ytvoseval"}
@@ -140,6 +140,7 @@ def test_diagnostics_results_order_and_maxdets(case, case_data):
 
 @pytest.fixture(scope="module")
 def first_case(case_data):
+    skip_without_reference()
     assert CASES, f"no eval cases under {reference_dir() / 'eval'}"
     return CASES[0]
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
+from clipvis._io import write_json_atomic
 from clipvis.errors import ClipvisError, VideoError
 
 log = logging.getLogger(__name__)
@@ -332,10 +333,7 @@ def remove_rare_categories(src: PathLike, dst: Optional[PathLike] = None) -> Pat
     before = len(data.get("annotations", []))
     data["annotations"] = [a for a in data.get("annotations", []) if frequency.get(a["category_id"]) != "r"]
     dst = Path(dst) if dst is not None else src.with_name(src.stem + "_norare.json")
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, dst)
+    write_json_atomic(dst, data, indent=None)
     log.info("%s: kept %d of %d annotations (rare categories removed) -> %s", src, len(data["annotations"]), before, dst)
     return dst
 

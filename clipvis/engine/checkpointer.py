@@ -13,7 +13,6 @@ rename), so an interrupted save never leaves a truncated checkpoint behind.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from clipvis._io import save_torch_atomic, write_text_atomic
 from clipvis.checkpoint import load_checkpoint, model_to_official_keys
 from clipvis.engine import distributed as comm
 from clipvis.errors import CheckpointError
@@ -50,18 +50,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -96,8 +84,8 @@ class Checkpointer:
             data["grad_scaler"] = self.grad_scaler.state_dict()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / name
-        _atomic_save(data, path)
-        _atomic_write_text(self.output_dir / LAST_CHECKPOINT, name)
+        save_torch_atomic(data, path)
+        write_text_atomic(self.output_dir / LAST_CHECKPOINT, name)
         log.info("saved checkpoint %s (iteration %d)", path, iteration)
         return path
 

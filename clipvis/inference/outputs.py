@@ -13,17 +13,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from pycocotools import mask as mask_util
 
-from clipvis.errors import ClipvisError
+from clipvis._io import atomic_write  # noqa: F401  (re-exported: writers of results use it from here)
 
 log = logging.getLogger(__name__)
 
@@ -107,37 +105,6 @@ def _decode(rles: Sequence[Rle]) -> np.ndarray:
         # pycocotools' decoder trips numpy 2's `__array__(copy=...)` deprecation on every call
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*__array__.*")
         return mask_util.decode(coded).astype(bool)
-
-
-def atomic_write(path: PathLike, write_fn: Callable[[Path], None]) -> Path:
-    """Create `path` atomically: `write_fn(tmp)` writes a temporary file in the same folder, which
-    then replaces `path` in one step. If `write_fn` raises, the temporary file is removed, `path` is
-    left as it was, and the error propagates. An unwritable folder raises ClipvisError. Returns `path`."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise ClipvisError(f"cannot write {path}: {e.strerror or e}; choose a writable output folder") from None
-    tmp = Path(tmp_name)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise ClipvisError(f"cannot write {path}: {e.strerror or e}; check free space and permissions of the output folder") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _default_file_mode() -> int:
-    """Read/write as the umask allows (mkstemp makes files 0600; results should be shareable)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def results_records(instances: Sequence[VideoInstance], video_id: int) -> List[dict]:

@@ -8,8 +8,6 @@ normalized again. A mask's logit for a class is the best of its synonyms' scaled
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipvis._io import save_torch_atomic
 from clipvis.errors import VocabularyError
 
 if TYPE_CHECKING:
@@ -135,15 +134,7 @@ def cached_text_classifier(
         except Exception:  # a damaged cache file is rebuilt below
             pass
     classifier, num_synonyms = build_text_classifier(backbone, classes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save({"classifier": classifier.cpu(), "num_synonyms": num_synonyms, "prompts": prompts}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    save_torch_atomic({"classifier": classifier.cpu(), "num_synonyms": num_synonyms, "prompts": prompts}, path)
     return classifier, num_synonyms
 
 

@@ -196,7 +196,7 @@ def test_final_instances_free_running(run):
 
 def test_output_masks_follow_the_logits(run):
     """The RLE masks at output resolution are the stride-4 logits upsampled the original's way, > 0."""
-    from clipvis.inference.predictor import logits_to_output_masks
+    from clipvis.mask_encoding import logits_to_output_masks
 
     pred = run.prediction
     h, w = run.fx["video"].shape[-2:]

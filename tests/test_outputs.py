@@ -276,7 +276,7 @@ def test_output_masks_are_the_originals_interpolation(output_size):
     logits to the padded size, crop, bilinear to the output size, > 0."""
     import torch.nn.functional as F
 
-    from clipvis.inference.predictor import logits_to_output_masks
+    from clipvis.mask_encoding import logits_to_output_masks
 
     torch.manual_seed(0)
     logits = torch.randn(20, 24, 32) * 4

@@ -23,7 +23,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from clipvis.config import builtin_config, load_config
-from clipvis.data.augmentation import clip_polygon, rasterize_polygons, sample_clip_frames, sample_lsj
+from clipvis.data.augmentation import clip_polygon, sample_clip_frames, sample_lsj
+from clipvis.mask_encoding import polygons_to_mask
 from clipvis.data.synthetic import synthetic_video_and_masks
 from clipvis.data.train_data import DistributedBatchSampler, RepeatFactorSampler, ShuffledSampler, build_train_loader, repeat_factors
 
@@ -132,7 +133,7 @@ def test_lsj_masks_align_with_the_image():
     """Polygon and RLE masks land on the same pixels as the image content they annotate (flip, scale, crop)."""
     height, width = 90, 140
     polygon = np.array([[20.0, 10.0], [110.0, 25.0], [95.0, 80.0], [30.0, 70.0]])
-    truth = rasterize_polygons([polygon], height, width)
+    truth = polygons_to_mask([polygon], height, width)
     image = np.repeat((truth * 255).astype(np.uint8)[:, :, None], 3, axis=2)
     flips = set()
     for seed in range(30):
@@ -160,9 +161,9 @@ def test_polygon_clipping_matches_rasterized_crop():
     for _ in range(20):
         poly = rng.uniform(-20, 120, size=(6, 2))
         poly = poly[np.argsort(np.arctan2(poly[:, 1] - 50, poly[:, 0] - 50))]  # a simple (star-shaped) polygon
-        full = rasterize_polygons([poly + 20], 160, 160)[20:80, 20:90]
+        full = polygons_to_mask([poly + 20], 160, 160)[20:80, 20:90]
         clipped = clip_polygon(poly, 0, 0, 70, 60)
-        ours = rasterize_polygons([clipped], 60, 70) if clipped is not None else np.zeros((60, 70), bool)
+        ours = polygons_to_mask([clipped], 60, 70) if clipped is not None else np.zeros((60, 70), bool)
         inner = (slice(1, -1), slice(1, -1))
         assert (ours[inner] == full[inner]).mean() > 0.99
 

@@ -18,24 +18,16 @@ from its seed alone (whatever the worker or process that makes it).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from clipvis.errors import ConfigError
+from clipvis.mask_encoding import decode_rle, polygons_to_mask
 
 Polygon = np.ndarray  # [K, 2] float64 (x, y) vertices
-
-
-def _decode(rle) -> np.ndarray:
-    """pycocotools decode without its numpy-2 `__array__` deprecation noise."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*__array__.*")
-        return mask_utils.decode(rle)
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -49,29 +41,11 @@ def valid_polygons(segmentation: Sequence[Sequence[float]]) -> List[Polygon]:
     return out
 
 
-def rasterize_polygons(polygons: Sequence[Polygon], height: int, width: int) -> np.ndarray:
-    """[K, 2] polygons of one instance -> bool mask [height, width] (their union, pycocotools rasterization)."""
-    if not polygons:
-        return np.zeros((height, width), dtype=bool)
-    rles = mask_utils.frPyObjects([p.reshape(-1).tolist() for p in polygons], height, width)
-    return _decode(mask_utils.merge(rles)).astype(bool)
-
-
-def decode_rle(segmentation: dict, height: int, width: int) -> np.ndarray:
-    """A COCO RLE (compressed, or uncompressed with a ``counts`` list) -> bool mask [height, width]."""
-    if isinstance(segmentation.get("counts"), list):
-        segmentation = mask_utils.frPyObjects(segmentation, *segmentation["size"])
-    mask = _decode(segmentation).astype(bool)
-    if mask.shape != (height, width):
-        raise ValueError(f"RLE of size {mask.shape} in an image of size {(height, width)}")
-    return mask
-
-
 def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
     """Polygons or RLE -> bool mask [height, width]."""
     if isinstance(segmentation, dict):
         return decode_rle(segmentation, height, width)
-    return rasterize_polygons(valid_polygons(segmentation), height, width)
+    return polygons_to_mask(valid_polygons(segmentation), height, width)
 
 
 def clip_polygon(polygon: Polygon, x0: float, y0: float, x1: float, y1: float) -> Optional[Polygon]:
@@ -206,7 +180,7 @@ class GeometricTransform:
         polygons = self.apply_polygons(valid_polygons(segmentation))
         if not polygons:
             return None
-        return rasterize_polygons(polygons, *self.canvas)
+        return polygons_to_mask(polygons, *self.canvas)
 
 
 def sample_lsj(rng: np.random.Generator, height: int, width: int, image_size: int, min_scale: float,

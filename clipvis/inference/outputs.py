@@ -13,20 +13,19 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from pycocotools import mask as mask_util
 
 from clipvis._io import atomic_write  # noqa: F401  (re-exported: writers of results use it from here)
+from clipvis.mask_encoding import Rle, decode_rle, masks_to_rles, rles_to_masks  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-Rle = Dict[str, object]  # {"size": [H, W], "counts": str}
 
 
 @dataclass
@@ -56,55 +55,6 @@ class VideoInstance:
     def mask(self, t: int) -> Optional[np.ndarray]:
         """The mask in frame `t` as bool `[H, W]`, or None where absent."""
         return decode_rle(self.rles[t])
-
-
-def masks_to_rles(masks: np.ndarray) -> List[Optional[Rle]]:
-    """Binary masks `[T, H, W]` (bool or 0/1 integers) -> one COCO RLE per frame with `counts` as
-    a str (JSON-ready), None for a frame without any pixel."""
-    masks = np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"expected masks [T, H, W], got shape {masks.shape}")
-    if masks.dtype != bool:
-        if not np.issubdtype(masks.dtype, np.integer):
-            raise ValueError(f"expected boolean masks, got {masks.dtype}: threshold the mask probabilities first")
-        masks = masks != 0
-    present = masks.reshape(len(masks), -1).any(axis=1)
-    rles: List[Optional[Rle]] = [None] * len(masks)
-    if present.any():
-        # pycocotools encodes a Fortran-ordered uint8 [H, W, N] stack in one call
-        stack = np.asfortranarray(masks[present].transpose(1, 2, 0).astype(np.uint8))
-        for t, rle in zip(np.flatnonzero(present), mask_util.encode(stack)):
-            rles[t] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-    return rles
-
-
-def decode_rle(rle: Optional[Rle], height: Optional[int] = None, width: Optional[int] = None) -> Optional[np.ndarray]:
-    """One COCO RLE (counts str or bytes) -> bool mask `[H, W]`. For None: an all-False mask when
-    `height` and `width` are given, else None."""
-    if rle is None:
-        return None if height is None or width is None else np.zeros((height, width), dtype=bool)
-    return _decode([rle])[..., 0]
-
-
-def rles_to_masks(rles: Sequence[Optional[Rle]], height: int, width: int) -> np.ndarray:
-    """Per-frame RLEs (None = empty) -> bool masks `[T, H, W]`."""
-    out = np.zeros((len(rles), height, width), dtype=bool)
-    present = [t for t, rle in enumerate(rles) if rle is not None]
-    if present:
-        out[present] = _decode([rles[t] for t in present]).transpose(2, 0, 1)
-    return out
-
-
-def _decode(rles: Sequence[Rle]) -> np.ndarray:
-    """COCO RLEs (counts str or bytes) -> bool `[H, W, N]`."""
-    coded = [
-        {"size": list(r["size"]), "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]}
-        for r in rles
-    ]
-    with warnings.catch_warnings():
-        # pycocotools' decoder trips numpy 2's `__array__(copy=...)` deprecation on every call
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*__array__.*")
-        return mask_util.decode(coded).astype(bool)
 
 
 def results_records(instances: Sequence[VideoInstance], video_id: int) -> List[dict]:

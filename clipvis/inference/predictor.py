@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
-import torch.nn.functional as F
 
 from clipvis.errors import ClipvisError
 from clipvis.inference.instance_selection import (
@@ -32,6 +30,7 @@ from clipvis.inference.instance_selection import (
     top_query_class_pairs,
 )
 from clipvis.inference.precision import precision_context, store_autocast_layers_in_bf16
+from clipvis.mask_encoding import decode_rle, encode_rles, logits_to_output_masks
 from clipvis.inference.streaming import Frames, StageTimer, as_uint8_frames, stream_video
 from clipvis.memory import page_out, release_freed_memory
 from clipvis.modeling.meta_arch import ClipVis
@@ -78,30 +77,8 @@ class VideoPrediction:
         for n, track in enumerate(self.rles):
             for t, rle in enumerate(track):
                 if rle is not None:
-                    out[n, t] = mask_util.decode(rle).astype(bool)
+                    out[n, t] = decode_rle(rle)
         return out
-
-
-def logits_to_output_masks(
-    logits: torch.Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int], output_size: Tuple[int, int]
-) -> torch.Tensor:
-    """Stride-4 mask logits `[Q,h4,w4]` -> bool masks `[Q,H,W]` at output resolution, as the original's evaluator:
-    bilinear to the padded input size, crop to the unpadded image, bilinear to the output size, > 0. The masks
-    go through interpolation as a batch of one-channel images: the same numbers, 1.3x faster on CPU."""
-    x = F.interpolate(logits[:, None], size=padded_size, mode="bilinear", align_corners=False)
-    x = x[:, :, : image_size[0], : image_size[1]]
-    if tuple(output_size) != tuple(image_size):  # same size: bilinear is the identity, skip it
-        x = F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)
-    return x[:, 0] > 0
-
-
-def encode_rles(masks: torch.Tensor) -> List[dict]:
-    """bool `[Q,H,W]` -> Q COCO RLEs (counts as str)."""
-    array = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    rles = mask_util.encode(array)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
 
 
 class _VideoState:

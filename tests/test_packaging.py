@@ -45,6 +45,7 @@ def test_wheel_contains_every_config(wheel):
     for name in SHIPPED:
         assert f"clipvis/configs/{name}" in names, name
     assert "clipvis/config/model_configs/clipvis_tiny_convnext.json" in names
+    assert "clipvis/data/semseg_vocabularies.json" in names
 
 
 def test_installed_wheel_loads_every_config_and_runs_the_demo(wheel, tmp_path):

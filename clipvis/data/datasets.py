@@ -15,10 +15,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from clipvis._io import write_json_atomic
 from clipvis.errors import ClipvisError, VideoError
+
+if TYPE_CHECKING:
+    from clipvis.data.semseg import SemsegDataset
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,17 @@ def register_image_dataset(name: str, metadata: Optional[dict], json_file: PathL
     _register("image", name, metadata, json_file, image_root)
 
 
+def register_semseg_dataset(name: str, metadata: dict, image_root: PathLike, gt_root: PathLike) -> None:
+    """Make a semantic segmentation dataset (images + label images, detectron2 format) known by `name`, for
+    `clipvis evaluate-semseg`. metadata: {"labels": class texts, "background": background texts or None,
+    "mode": "with_background" | "voc20" | "plain", "gt_suffix": ".png", "image_suffix": None} (see
+    `clipvis.data.semseg.SemsegDataset`); paths as in `register_video_dataset`."""
+    if not isinstance(metadata, dict) or not metadata.get("labels"):
+        raise ClipvisError(f"semantic segmentation dataset {name!r} needs metadata with its class texts under 'labels'")
+    frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in metadata.items()}
+    _register("semseg", name, frozen, gt_root, image_root)
+
+
 def is_video_dataset(name: str) -> bool:
     """Whether `name` is a registered video dataset."""
     return name in _REGISTRY and _REGISTRY[name].kind == "video"
@@ -92,6 +106,17 @@ for _name, (_root, _json) in {
     "lvis_v1_train_norare": ("coco", "lvis/lvis_v1_train_norare.json"),
 }.items():
     register_image_dataset(_name, None, _json, _root)
+
+
+def _register_builtin_semseg() -> None:
+    from clipvis.data.semseg import builtin_semseg_vocabularies
+
+    for name, info in builtin_semseg_vocabularies().items():
+        keys = ("labels", "background", "mode", "gt_suffix", "image_suffix")
+        register_semseg_dataset(name, {k: info.get(k) for k in keys}, info["image_dir"], info["gt_dir"])
+
+
+_register_builtin_semseg()
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -302,20 +327,27 @@ def dataset_entry(name: str) -> DatasetEntry:
 
 
 def dataset_paths(name: str, root: Optional[PathLike] = None) -> Tuple[Path, Path]:
-    """(frames or image root, annotation JSON) of a registered name, relative paths under the datasets root."""
+    """(frames or image root, annotation JSON or label folder) of a registered name, relative paths under the
+    datasets root."""
     entry = dataset_entry(name)
     base = datasets_root(root)
     return base / entry.root, base / entry.json_file
 
 
-def get_dataset(name: str, root: Optional[PathLike] = None) -> Union[VideoDataset, ImageDataset]:
+def get_dataset(name: str, root: Optional[PathLike] = None) -> Union[VideoDataset, ImageDataset, "SemsegDataset"]:
     """Load a registered dataset by name, resolved under ``root`` / ``$CLIPVIS_DATASETS`` / ``./datasets``.
 
     Raises ClipvisError for an unknown name (listing the known ones) or a missing annotation file.
     """
     folder, js = dataset_paths(name, root)
-    if dataset_entry(name).kind == "video":
+    entry = dataset_entry(name)
+    if entry.kind == "video":
         return load_video_dataset(js, folder, name=name)
+    if entry.kind == "semseg":
+        from clipvis.data.semseg import SemsegDataset
+
+        meta = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(entry.metadata).items() if v is not None}
+        return SemsegDataset(name, folder, js, **meta)
     return load_image_dataset(js, folder, name=name)
 
 

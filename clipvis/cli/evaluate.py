@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 from clipvis.errors import ClipvisError
-from clipvis.evaluation import MODES, evaluate_video_ap, format_metrics_table
+
+# clipvis.evaluation.MODES, spelled out so that `clipvis --help` does not import numpy and pycocotools.
+MODES = ("lvvis", "ytvis")
+METRICS_FILE = "metrics.json"
 
 log = logging.getLogger("clipvis.evaluate")
 
@@ -31,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="which official evaluator to reproduce (default: lvvis when the GT categories carry 'partition', else ytvis)",
     )
-    parser.add_argument("--out", default=None, help="write the metrics JSON here (written atomically)")
+    parser.add_argument("--out", default=None,
+                        help=f"write the metrics JSON to this file, or to {METRICS_FILE} inside it when it is a folder "
+                             "(an existing one, or a path ending in '/'); written atomically")
 
 
 def write_json_atomic(obj, path: Path) -> None:
@@ -60,13 +65,25 @@ def check_writable_folder(folder: Path) -> None:
         raise ClipvisError(f"cannot write the metrics to {folder}: {e.strerror or e}; choose another --out") from None
 
 
+def metrics_path(out: str) -> Path:
+    """--out -> the metrics file: `out` itself, or `out/metrics.json` when `out` is (or ends like) a folder."""
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / METRICS_FILE
+    return Path(out)
+
+
 def run(args) -> int:
     """Evaluate, print the table, write --out. Returns the exit status (0)."""
+    from clipvis.evaluation import evaluate_video_ap, format_metrics_table
+
     for flag, value in (("--gt", args.gt), ("--results", args.results)):
         if not Path(value).is_file():
             raise ClipvisError(f"{flag} file not found: {value}")
-    if args.out:
-        check_writable_folder(Path(args.out).parent)
+    out_path = metrics_path(args.out) if args.out else None
+    if out_path is not None:
+        if out_path.is_dir():
+            raise ClipvisError(f"--out {out_path} is a folder with the name the metrics file needs; choose another --out")
+        check_writable_folder(out_path.parent)
     start = time.perf_counter()
     metrics = evaluate_video_ap(args.gt, args.results, mode=args.mode)
     log.info("evaluated in %.2f s", time.perf_counter() - start)
@@ -74,6 +91,6 @@ def run(args) -> int:
     if args.out:
         out = {k: v for k, v in metrics.items() if k != "per_category"}
         out["per_category"] = {str(k): v for k, v in metrics["per_category"].items()}
-        write_json_atomic(out, Path(args.out))
-        print(f"metrics written to {args.out}")
+        write_json_atomic(out, out_path)
+        print(f"metrics written to {out_path}")
     return 0

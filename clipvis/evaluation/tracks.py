@@ -226,6 +226,12 @@ def load_results(results: JsonLike, gt: GroundTruth) -> List[Track]:
         missing = [k for k in ("video_id", "category_id", "score", "segmentations") if k not in r]
         if missing:
             raise ClipvisError(f"{where} lacks the field(s) {', '.join(missing)}")
+        score = r["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not np.isfinite(score):
+            raise ClipvisError(
+                f"{where} has score {score!r}, not a finite number; fix the predictions that wrote it "
+                "(a NaN or infinite score cannot be ranked)"
+            )
         if r["category_id"] not in category_ids:
             unknown_categories.add(r["category_id"])
             continue

@@ -255,11 +255,21 @@ def _oriented_size(img: Image.Image) -> Tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    """uint8 RGB `[H, W, 3]`; 16-bit (and 32-bit integer) grayscale is scaled down to 8 bits (PIL's
+    convert("RGB") would clip it: almost every pixel of a 16-bit frame would be 255)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        gray = np.asarray(img).astype(np.int64)
+        gray = np.clip(gray, 0, 65535) >> 8
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"))
+
+
 def _load_frame(file: Path, expected: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """One frame image as uint8 RGB `[H, W, 3]` (EXIF orientation applied, as detectron2's read_image)."""
     try:
         with Image.open(file) as img:
-            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+            rgb = _to_rgb8(ImageOps.exif_transpose(img))
     except Exception as e:
         raise VideoError(f"{file}: cannot read this frame image ({_first_line(e)}); replace or remove the file") from None
     if expected is not None and rgb.shape[:2] != tuple(expected):

@@ -33,9 +33,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 (several machines)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: MODEL.DEVICE, or cpu where CUDA is absent)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="with --eval-only and no MODEL.WEIGHTS: evaluate an untrained model on purpose (its AP is about 0)")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p.parse_args(argv)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """OUTPUT_DIR is a folder, or can be made one (nothing on its path is a file) and written: checked
+    before anything is built, without creating it."""
+    import os
+    from pathlib import Path
+
+    path = Path(output_dir or ".").expanduser()
+    if path.exists() and not path.is_dir():
+        raise ClipvisError(f"OUTPUT_DIR {output_dir} is a file, not a folder; set OUTPUT_DIR to a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ClipvisError(f"OUTPUT_DIR {output_dir} cannot be created: {parent} is a file; set OUTPUT_DIR to a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ClipvisError(f"OUTPUT_DIR {output_dir} cannot be written ({parent} is not writable); set OUTPUT_DIR elsewhere")
+
+
+def check_inputs(cfg, args, device: str) -> None:
+    """Everything that can be checked before the model is built: the output folder, the device, the weights
+    (a random model is refused for --eval-only unless asked for), values that cannot work."""
+    from pathlib import Path
+
+    from clipvis.cli.infer import check_config_values, check_weights_path
+    from clipvis.inference.predictor import resolve_device
+
+    check_output_dir(cfg.OUTPUT_DIR)
+    resolve_device(device)
+    check_config_values(cfg)
+    if cfg.MODEL.WEIGHTS:
+        if not Path(cfg.MODEL.WEIGHTS).expanduser().is_file():
+            raise ClipvisError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such checkpoint file; pass the path of a CLIP-VIS .pth")
+    elif args.eval_only and not args.random_weights:
+        raise ClipvisError("--eval-only without MODEL.WEIGHTS would score a random model (AP about 0): pass MODEL.WEIGHTS "
+                           "model.pth, or --random-weights to evaluate an untrained model on purpose")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,6 +84,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config_file, [o for o in args.opts if o != "--"])
     device = args.device or default_device(cfg.MODEL.DEVICE)
+    check_inputs(cfg, args, device)
     comm.init_from_environment(device)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,  # other libraries (open_clip) only with --debug

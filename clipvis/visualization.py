@@ -112,14 +112,16 @@ class OverlayVideoWriter(Mp4Writer):
 
 def write_overlay_video(
     source: VideoSource, instances: Sequence[VideoInstance], path: PathLike, threshold: float = 0.5,
-    *, window: int = 16,
+    *, window: int = 16, max_instances: Optional[int] = None,
 ) -> Path:
     """Render `source`'s selected frames with every instance scoring at least `threshold` drawn on
     them ("class score" labels, one color per instance) into an mp4 at `path`, at the selected
     frames' rate. Frames are decoded again `window` at a time and each instance's RLE is decoded per
-    frame, so memory stays flat. Returns the path."""
+    frame, so memory stays flat. `max_instances`: draw only that many, the highest-scoring. Returns the path."""
     info = source.info
     shown = [inst for inst in instances if inst.score >= threshold]
+    if max_instances is not None:  # the best-scoring few, so that masks and labels do not pile up
+        shown = sorted(shown, key=lambda inst: -inst.score)[:max_instances]
     for inst in shown:
         if inst.num_frames != info.num_frames:
             raise ClipvisError(

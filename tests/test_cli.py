@@ -133,7 +133,8 @@ def test_bad_input_is_one_clear_line(args, message, clip_files, tmp_path):
     (no_frames / "notes.txt").write_text("not a frame")
     fill = {"{video}": str(clip_files[0]), "{garbage}": str(garbage), "{bad_weights}": str(bad_weights), "{no_frames}": str(no_frames)}
     args = [fill.get(a, a) for a in args]
-    args = [*args[:3], "--config", TINY, *([] if "--out" in args else ["--out", str(tmp_path / "out")]), *args[3:]]
+    # --random-weights: these inputs are refused for what they are, not for the missing --weights
+    args = [*args[:3], "--config", TINY, "--random-weights", *([] if "--out" in args else ["--out", str(tmp_path / "out")]), *args[3:]]
     proc = subprocess.run(
         [sys.executable, "-m", "clipvis", "infer", *args],
         capture_output=True, text=True, timeout=300,

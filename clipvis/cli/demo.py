@@ -9,9 +9,8 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
-from clipvis.cli.infer import add_model_arguments, build_config, check_output_folder, run_inference
+from clipvis.cli.infer import (add_model_arguments, build_config, check_config_values, check_output_folder,
+                               check_weights_path, run_inference)
 
 log = logging.getLogger("clipvis.demo")
 
@@ -28,21 +27,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     # Synthetic weights score every instance around 1/3: the default 0.5 of `infer` would leave the overlay empty.
     parser.set_defaults(out="clipvis_demo", vis_threshold=0.2)
+    parser.add_argument("--overlay-top", type=int, default=5, help="draw only this many instances, the highest-scoring (default 5)")
+
+
+def write_sample(frames, path: Path) -> Path:
+    """The demo clip as an H.264 mp4 in yuv420p, which every player shows (an odd size is padded by one edge row/column)."""
+    from clipvis.data.video import Mp4Writer
+
+    with Mp4Writer(path, 10.0, crf=8) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return path
 
 
 def run(args) -> int:
     """Synthesize the clip, write it as `--out/sample.mp4`, run `infer` on it. Returns the exit status (0)."""
-    from clipvis.data.synthetic import synthetic_video, write_video
+    from clipvis.data.synthetic import synthetic_video
     from clipvis.data.video import open_video
     from clipvis.modeling.text_classifier import parse_vocabulary
 
-    parse_vocabulary(args.vocab)
-    out = Path(args.out)
-    check_output_folder(out)
-    clip_path = write_video(synthetic_video(args.frames, args.height, args.width, seed=args.seed), out / "sample.mp4")
-    log.info("wrote the sample clip %s (%d frames, %dx%d)", clip_path, args.frames, args.width, args.height)
+    import torch
+
+    from clipvis.cli.infer import check_duplicate_classes
+
+    check_duplicate_classes(parse_vocabulary(args.vocab))
+    check_weights_path(args.weights)
     # The clip is small: feed it at its own size instead of resizing its short side to 480.
     cfg = build_config(args, extra=["INPUT.MIN_SIZE_TEST", str(min(args.height, args.width))])
+    check_config_values(cfg)
+    out = Path(args.out)
+    check_output_folder(out)
+    clip_path = write_sample(synthetic_video(args.frames, args.height, args.width, seed=args.seed), out / "sample.mp4")
+    log.info("wrote the sample clip %s (%d frames, %dx%d)", clip_path, args.frames, args.width, args.height)
     if args.weights is None:
         print(
             "clipvis demo: running with SYNTHETIC (random) weights, so the masks and classes are meaningless; "

@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -20,6 +24,49 @@ from clipvis.errors import ClipvisError, VocabularyError
 log = logging.getLogger("clipvis.infer")
 
 DEFAULT_CONFIG = "clipvis_video_ConvNeXt-B.yaml"
+# Every file a run may write into --out; a rerun removes the ones it does not write (e.g. overlay.mp4 with --no-overlay).
+OUTPUT_FILES = ("results.json", "instances.csv", "overlay.mp4")
+
+
+def score_threshold(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a score between 0 and 1") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score between 0 and 1")
+    return value
+
+
+def video_id(text: str) -> int:
+    """argparse type: a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a non-negative video id") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; give a non-negative video id")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N (any case: "CPU" is cpu)."""
+    value = text.strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N")
+    return value
+
+
+def positive_fps(text: str) -> float:
+    """argparse type: a positive frame rate."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive frame rate")
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,14 +74,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help=f"YAML config (a path, or a shipped name; default {DEFAULT_CONFIG})")
     parser.add_argument("--weights", default=None, help="CLIP-VIS checkpoint (.pth, the original's format or ours)")
     parser.add_argument("--clip-weights", default=None, help="open_clip pretrained tag or local file for the CLIP towers (when --weights lacks them)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: MODEL.DEVICE when CUDA is there, else cpu)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: MODEL.DEVICE when CUDA is there, else cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="inference arithmetic (TEST.PRECISION): fp32 = the original's numbers (default); "
                              "bf16 = about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs, small deviations")
     parser.add_argument("--out", default="clipvis_output", help="output folder (default ./clipvis_output)")
-    parser.add_argument("--vis-threshold", type=float, default=0.5, help="draw instances scoring at least this in the overlay video")
+    parser.add_argument("--vis-threshold", type=score_threshold, default=0.5, help="draw instances scoring at least this in the overlay video")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay video")
-    parser.add_argument("--video-id", type=int, default=1, help="video_id written in results.json")
+    parser.add_argument("--video-id", type=video_id, default=1, help="video_id written in results.json")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
                         help="config overrides, last on the line: --opts TEST.NUM_FRAME 5 TEST.DETECTIONS_PER_IMAGE 20")
 
@@ -50,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=None, help="use at most this many frames")
     parser.add_argument("--start", type=float, default=None, help="start time in seconds")
     parser.add_argument("--end", type=float, default=None, help="end time in seconds")
+    parser.add_argument("--folder-fps", type=positive_fps, default=None,
+                        help="frame rate of a frame folder, for --start/--end and the overlay (default 6: YouTube-VIS frames)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="run without --weights on purpose: an untrained (random) decoder, meaningless masks")
     add_model_arguments(parser)
 
 
@@ -61,9 +112,10 @@ def read_vocabulary(args) -> tuple:
         path = Path(args.vocab_file)
         if not path.is_file():
             raise VocabularyError(f"vocabulary file not found: {path}")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [line.strip() for line in read_text_file(path).splitlines()]
+        names = [name for name in names if name and not name.startswith("#")]  # blank lines and # comments
         if not names:
-            raise VocabularyError(f"vocabulary file {path} has no class names (one class per line)")
+            raise VocabularyError(f"vocabulary file {path} has no class names (one class per line; '#' starts a comment)")
         return names, None
     path = Path(args.vocab_json)
     try:
@@ -79,6 +131,38 @@ def read_vocabulary(args) -> tuple:
     from clipvis.data.datasets import category_vocabulary
 
     return category_vocabulary(categories)
+
+
+def read_text_file(path: Path) -> str:
+    """A text file as str: UTF-8, or UTF-16 / UTF-32 / UTF-8 with a byte-order mark (as Windows editors save)."""
+    import codecs
+
+    data = path.read_bytes()
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            break
+    else:
+        encoding = "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise VocabularyError(
+            f"{path} is not valid {encoding.upper()} text (byte {e.start}); save it as UTF-8 (or UTF-16 with a byte-order mark)"
+        ) from None
+
+
+def check_duplicate_classes(classes: List[List[str]]) -> None:
+    """Refuse a name (class or synonym, case-insensitive) given for two classes: the classes would split its score."""
+    seen = {}
+    for position, synonyms in enumerate(classes, start=1):
+        for name in dict.fromkeys(s.lower() for s in synonyms):
+            if name in seen:
+                raise VocabularyError(
+                    f"{name!r} is given for class {seen[name]} and class {position} of the vocabulary; "
+                    f"name each class once (synonyms of one class go in one entry, separated by ',')"
+                )
+            seen[name] = position
 
 
 def check_output_folder(out: Path) -> None:
@@ -114,14 +198,90 @@ def build_config(args, extra: Optional[List[str]] = None):
     return load_config(path, overrides + opts)
 
 
+def check_weights_path(weights) -> None:
+    """A weights path that is not there is refused now, not after the model is built."""
+    if weights and not Path(weights).expanduser().is_file():
+        what = "a folder, not a checkpoint file" if Path(weights).expanduser().is_dir() else "not found"
+        raise ClipvisError(f"weights file {weights}: {what}; pass the CLIP-VIS checkpoint (.pth) with --weights")
+
+
+POSITIVE_CONFIG_KEYS = (
+    "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST", "TEST.NUM_FRAME", "TEST.DETECTIONS_PER_IMAGE",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "MODEL.MASK_FORMER.DEC_LAYERS", "MODEL.MASK_FORMER.HIDDEN_DIM",
+    "MODEL.MASK_FORMER.NHEADS", "MODEL.MASK_FORMER.DIM_FEEDFORWARD", "MODEL.SEM_SEG_HEAD.CONVS_DIM",
+    "MODEL.SEM_SEG_HEAD.MASK_DIM",
+)
+
+
+def check_config_values(cfg) -> None:
+    """Values that cannot work (zero or negative sizes and counts), refused before anything is built."""
+    for key in POSITIVE_CONFIG_KEYS:
+        node = cfg
+        try:
+            for part in key.split("."):
+                node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            continue
+        if isinstance(node, bool) or not isinstance(node, (int, float)):
+            continue
+        if not (math.isfinite(node) and node > 0):
+            raise ClipvisError(f"config value {key} = {node!r} must be positive; fix it in the config or with --opts {key} N")
+
+
+def check_device(device: str) -> None:
+    """The device exists here (CUDA present, index in range), checked before the model is built."""
+    from clipvis.inference.predictor import resolve_device
+
+    resolve_device(device)
+
+
+class OutputStage:
+    """Result files are written into a hidden folder inside --out and moved into place together at the end,
+    so a failed run leaves the previous run's files untouched and a finished one leaves no stale file
+    of an earlier run (OUTPUT_FILES it did not write are removed)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.tmp = Path(tempfile.mkdtemp(prefix=".clipvis-partial-", dir=str(out)))
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def commit(self) -> None:
+        written = {p.name for p in self.tmp.iterdir()}
+        for name in OUTPUT_FILES:
+            if name not in written and (self.out / name).is_file():
+                (self.out / name).unlink()
+        for name in written:
+            os.replace(self.tmp / name, self.out / name)
+        self.tmp.rmdir()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def run_inference(args, source, vocabulary, category_ids, cfg, weights) -> int:
     """Shared by `infer` and `demo`: model -> prediction -> result files -> summary."""
+    from clipvis.inference.predictor import default_device
+
+    out = Path(args.out)
+    device = args.device or default_device(cfg.MODEL.DEVICE)
+    check_device(device)
+    stage = OutputStage(out)
+    try:
+        code = _run_inference(args, source, vocabulary, category_ids, cfg, weights, device, stage)
+    except BaseException:
+        stage.discard()
+        raise
+    return code
+
+
+def _run_inference(args, source, vocabulary, category_ids, cfg, weights, device, stage) -> int:
     from clipvis.inference.outputs import VideoInstance, write_instances_csv, write_results_json
-    from clipvis.inference.predictor import VideoPredictor, default_device
+    from clipvis.inference.predictor import VideoPredictor
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    device = args.device or default_device(cfg.MODEL.DEVICE)
     log.info("building the model (%s) on %s", cfg.MODEL.FC_CLIP.CLIP_MODEL_NAME, device)
     predictor = VideoPredictor.from_config(
         cfg, weights=weights, device=device, text_cache_dir=text_cache_dir(), progress=not args.quiet
@@ -142,14 +302,16 @@ def run_inference(args, source, vocabulary, category_ids, cfg, weights) -> int:
         )
         for q, s, c, r in zip(prediction.query_indices.tolist(), prediction.scores.tolist(), prediction.classes.tolist(), prediction.rles)
     ]
-    write_results_json(instances, args.video_id, out / "results.json")
-    write_instances_csv(instances, out / "instances.csv", frame_indices=info.frame_indices)
+    write_results_json(instances, args.video_id, stage.path("results.json"))
+    write_instances_csv(instances, stage.path("instances.csv"), frame_indices=info.frame_indices)
     t2 = time.perf_counter()
     if not args.no_overlay:
         from clipvis.visualization import write_overlay_video
 
-        write_overlay_video(source, instances, out / "overlay.mp4", threshold=args.vis_threshold)
+        write_overlay_video(source, instances, stage.path("overlay.mp4"), threshold=args.vis_threshold,
+                            max_instances=getattr(args, "overlay_top", None))
     t_overlay = time.perf_counter() - t2
+    stage.commit()
     print_summary(out, info, prediction, instances, args, t_build, t_infer, t_overlay)
     return 0
 
@@ -193,9 +355,25 @@ def run(args) -> int:
     from clipvis.data.video import open_video
     from clipvis.modeling.text_classifier import parse_vocabulary
 
+    from clipvis.data.video import DEFAULT_FOLDER_FPS
+
     vocabulary, category_ids = read_vocabulary(args)
-    parse_vocabulary(vocabulary)  # fail on a bad vocabulary before any expensive work
-    source = open_video(args.video, frame_stride=args.frame_stride, max_frames=args.max_frames, start=args.start, end=args.end)
+    check_duplicate_classes(parse_vocabulary(vocabulary))  # fail on a bad vocabulary before any expensive work
+    check_weights_path(args.weights)
+    folder = Path(args.video).expanduser().is_dir()
+    if folder and args.folder_fps is None and (args.start is not None or args.end is not None):
+        log.warning("%s is a frame folder, which has no frame rate: --start/--end are read at %g fps (frame = seconds x %g, "
+                    "YouTube-VIS frames); pass --folder-fps to set it", args.video, DEFAULT_FOLDER_FPS, DEFAULT_FOLDER_FPS)
+    source = open_video(args.video, frame_stride=args.frame_stride, max_frames=args.max_frames, start=args.start, end=args.end,
+                        folder_fps=args.folder_fps or DEFAULT_FOLDER_FPS)
     cfg = build_config(args)
+    check_config_values(cfg)
+    check_weights_path(cfg.MODEL.WEIGHTS)
+    from clipvis.inference.predictor import default_device
+
+    check_device(args.device or default_device(cfg.MODEL.DEVICE))
+    if not (args.weights or cfg.MODEL.WEIGHTS) and not args.random_weights:
+        raise ClipvisError("no --weights given: without a CLIP-VIS checkpoint the decoder is random and the results meaningless; "
+                           "pass --weights model.pth (README: 'Weights'), or --random-weights to run untrained on purpose")
     check_output_folder(Path(args.out))
     return run_inference(args, source, vocabulary, category_ids, cfg, args.weights)

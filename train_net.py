@@ -66,7 +66,11 @@ def check_inputs(cfg, args, device: str) -> None:
     from clipvis.cli.infer import check_config_values, check_weights_path
     from clipvis.inference.predictor import resolve_device
 
+    from clipvis.data.datasets import dataset_entry
+
     check_output_dir(cfg.OUTPUT_DIR)
+    for name in list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)):
+        dataset_entry(name)  # an unknown name: the known ones, now rather than after the model is built
     resolve_device(device)
     check_config_values(cfg)
     if cfg.MODEL.WEIGHTS:

@@ -307,6 +307,24 @@ def test_eval_only_without_weights_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("eval_only", [False, True], ids=["train", "eval-only"])
+def test_train_net_unknown_dataset_is_refused_before_anything_is_written(eval_only, tiny_weights, tmp_path):
+    key = "DATASETS.TEST" if eval_only else "DATASETS.TRAIN"
+    proc = train_net(*(["--eval-only"] if eval_only else []), "MODEL.WEIGHTS", tiny_weights, key, '("not_a_dataset",)',
+                     "OUTPUT_DIR", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "unknown dataset 'not_a_dataset'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value", [("SOLVER.IMS_PER_BATCH", "0"), ("TEST.NUM_FRAME", "-1")])
+def test_train_net_impossible_config_value_is_refused(key, value, tiny_weights, tmp_path):
+    proc = train_net("MODEL.WEIGHTS", tiny_weights, key, value, "OUTPUT_DIR", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert key in proc.stderr and "positive" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_only_with_missing_weights_is_refused(tmp_path):
     proc = train_net("--eval-only", "MODEL.WEIGHTS", tmp_path / "nope.pth", "OUTPUT_DIR", tmp_path / "out")
     assert proc.returncode == 2 and "nope.pth" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

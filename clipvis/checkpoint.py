@@ -200,16 +200,34 @@ def _describe_clip(signature: Tuple) -> str:
 KNOWN_CLIP_MODELS = ("convnext_base_w_320", "convnext_large_d_320", "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
 
 
+class _NoRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger for
+    every model built without weights): models built only to compare shapes are meant to be random."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("initialized randomly" in message or "initialized partially" in message)
+
+
 def guess_clip_model(state: Mapping[str, torch.Tensor]) -> Optional[str]:
     """The open_clip model name whose CLIP state-dict shapes equal the checkpoint's, among KNOWN_CLIP_MODELS
     and our tiny model configs; None when none fits."""
-    import open_clip
-
     from clipvis.config.open_clip_models import register_open_clip_configs
 
     p = "backbone.clip_model."
     given = {k[len(p):]: tuple(v.shape) for k, v in state.items() if k.startswith(p)}
-    for name in KNOWN_CLIP_MODELS + tuple(register_open_clip_configs()):
+    quiet = _NoRandomInitNotice()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return _first_model_with_shapes(given, KNOWN_CLIP_MODELS + tuple(register_open_clip_configs()))
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _first_model_with_shapes(given: Dict[str, tuple], names) -> Optional[str]:
+    import open_clip
+
+    for name in names:
         try:  # shapes only: build on the meta device (open_clip moves the model to `device` at the end)
             with torch.device("meta"):
                 model = open_clip.create_model(name, pretrained=None, device="meta")

@@ -122,6 +122,18 @@ def test_failed_run_keeps_the_previous_outputs(clips, tiny_weights, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["results.json"] and (out / "results.json").read_text() == "[]"
 
 
+def test_checkpoint_of_another_model_is_one_line_with_every_fix(clips, tiny_weights, tmp_path):
+    """No open_clip "initialized randomly" lines; all the fixes at once; no empty output folder left behind."""
+    out = tmp_path / "out"
+    proc = clipvis("infer", clips[0], "--vocab", VOCAB, "--config", "clipvis_video_R50.yaml", "--weights", tiny_weights, "--out", out)
+    assert proc.returncode == 2
+    assert "initialized randomly" not in proc.stderr and "No pretrained" not in proc.stderr, proc.stderr
+    line = error_line(proc)
+    for fix in ("MODEL.MASK_FORMER.DEC_LAYERS 3", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES 10", "MODEL.FC_CLIP.CLIP_MODEL_NAME clipvis_tiny_convnext"):
+        assert fix in line, line
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- arguments, checked before anything slow
 
 

@@ -376,5 +376,12 @@ def run(args) -> int:
     if not (args.weights or cfg.MODEL.WEIGHTS) and not args.random_weights:
         raise ClipvisError("no --weights given: without a CLIP-VIS checkpoint the decoder is random and the results meaningless; "
                            "pass --weights model.pth (README: 'Weights'), or --random-weights to run untrained on purpose")
-    check_output_folder(Path(args.out))
-    return run_inference(args, source, vocabulary, category_ids, cfg, args.weights)
+    out = Path(args.out)
+    existed = out.exists()
+    check_output_folder(out)
+    try:
+        return run_inference(args, source, vocabulary, category_ids, cfg, args.weights)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a folder made by this run and left empty by its failure
+        raise

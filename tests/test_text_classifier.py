@@ -173,3 +173,27 @@ def test_mask_without_positive_pixel(data, backbone):
         assert_close(logits[0, 0], expected[0], rel=1e-5, name="empty ConvNeXt mask")
     else:
         assert torch.equal(logits[0, 0], torch.zeros(len(num_synonyms)))
+
+
+def test_encoding_cut_after_the_longest_prompt_equals_the_full_context(data, backbone):
+    """The text tower is causal and read at the end-of-text token: running each batch only up to its longest
+    prompt (instead of the 77-token context) must not change the features."""
+    prompts = data["text"]["class_names"][:24]
+    ours = backbone.encode_text(prompts, batch_size=16)
+    with torch.no_grad():
+        full = backbone.clip_model.encode_text(backbone._tokenizer(prompts), normalize=False)
+    assert_close(ours, full, rel=1e-6, name="cut vs full-context text features")
+
+
+def test_predictor_reports_text_encoding_as_its_own_stage(tmp_path):
+    from clipvis.config import builtin_config, load_config
+    from clipvis.data.synthetic import synthetic_video
+    from clipvis.inference.predictor import VideoPredictor
+
+    cfg = load_config(builtin_config("clipvis_video_tiny.yaml"), ["INPUT.MIN_SIZE_TEST", "0"])
+    predictor = VideoPredictor.from_config(cfg, weights=None, progress=False, text_cache_dir=tmp_path)
+    frames = synthetic_video(2, 64, 64, seed=0)
+    first = predictor.predict(frames, "cat; dog")
+    assert first.timings["text encoding"] > 0
+    assert "text encoding" not in predictor.predict(frames, "cat; dog").timings  # encoded once
+    assert list(tmp_path.iterdir()) == []  # a random text tower is not cached on disk

@@ -14,6 +14,7 @@ pixels, and the final instance selection is exactly the original's (see `instanc
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -34,7 +35,13 @@ from clipvis.mask_encoding import decode_rle, encode_rles, logits_to_output_mask
 from clipvis.inference.streaming import Frames, StageTimer, as_uint8_frames, stream_video
 from clipvis.memory import page_out, release_freed_memory
 from clipvis.modeling.meta_arch import ClipVis
-from clipvis.modeling.text_classifier import Vocabulary, encode_vocabulary, mask_class_logits, parse_vocabulary
+from clipvis.modeling.text_classifier import (
+    PROMPT_TEMPLATES,
+    Vocabulary,
+    encode_vocabulary,
+    mask_class_logits,
+    parse_vocabulary,
+)
 from clipvis.modeling.tracker import TemporalTopKTracker
 
 log = logging.getLogger(__name__)
@@ -247,6 +254,7 @@ class VideoPredictor:
         self.text_cache_dir = Path(text_cache_dir) if text_cache_dir else None
         self.progress = progress
         self._vocabularies: Dict[Tuple[Tuple[str, ...], ...], Vocabulary] = {}
+        self._text_encoding_s = 0.0  # seconds spent encoding vocabularies since the last predict started
 
     @classmethod
     def from_model(cls, model: ClipVis, cfg, **kwargs) -> "VideoPredictor":
@@ -274,6 +282,8 @@ class VideoPredictor:
         precision_context(kwargs.get("precision", cfg.TEST.PRECISION), torch.device("cpu"))  # fail early
         weights = weights if weights is not None else (cfg.MODEL.WEIGHTS or None)
         model = build_model(cfg, load_clip_weights=weights is None)
+        if weights is None and not cfg.MODEL.FC_CLIP.CLIP_PRETRAINED_WEIGHTS:
+            kwargs["text_cache_dir"] = None  # a randomly initialised text tower: caching its embeddings only fills the disk
         if weights is None:
             log.warning("no weights given: the decoder is randomly initialised and its masks are meaningless")
         else:
@@ -296,10 +306,13 @@ class VideoPredictor:
         key = tuple(tuple(c) for c in classes)
         if key not in self._vocabularies:
             backbone = self.model.backbone
+            start = time.perf_counter()
+            log.info("encoding %d classes (%d prompts)", len(classes), sum(map(len, classes)) * len(PROMPT_TEMPLATES))
             with torch.inference_mode():
-                vocab = encode_vocabulary(backbone, vocabulary, self.text_cache_dir)
+                vocab = encode_vocabulary(backbone, vocabulary, self.text_cache_dir, progress=self._show_progress())
             vocab.classifier = vocab.classifier.to(self.model.device)
             self._vocabularies[key] = vocab
+            self._text_encoding_s += time.perf_counter() - start
             page_out(backbone.text_tensors())  # not needed again until the next vocabulary
         return self._vocabularies[key]
 
@@ -326,13 +339,18 @@ class VideoPredictor:
     ) -> VideoPrediction:
         """Streaming form of `predict`: `windows` yields consecutive uint8 frame chunks `[w,H,W,3]` (e.g.
         `VideoSource.windows`); `num_frames` only sizes the progress bar."""
+        self._text_encoding_s = 0.0
         vocab = self.encode_vocabulary(vocabulary)
+        text_encoding_s = self._text_encoding_s
         step = ClipVisVideoStep(self, vocab, keep_mask_logits=keep_mask_logits)
         with torch.inference_mode():
             result, timings = stream_video(windows, step, window_size=self.window_size, num_frames=num_frames,
                                            progress=self.progress)
-        result.timings = timings
+        result.timings = ({"text encoding": text_encoding_s} if text_encoding_s else {}) | timings
         return result
+
+    def _show_progress(self) -> bool:
+        return self.progress and logging.getLogger("clipvis").getEffectiveLevel() <= logging.INFO
 
     def _run_model(self, image: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """One normalized padded frame `[1,3,H,W]` -> (final decoder outputs, clip_vis_dense `[1,C,h32,w32]`),

@@ -166,9 +166,10 @@ class ClipBackbone(nn.Module):
         return [t for name, t in named if not name.startswith("visual.") and name != "logit_scale"]
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 128) -> Tensor:
+    def encode_text(self, texts: list[str], batch_size: int = 128, progress: bool = False) -> Tensor:
         """texts: N prompts -> [N, D] projected end-of-text features, not normalized.
-        Prompts are encoded `batch_size` at a time to bound memory."""
+        Prompts are encoded `batch_size` at a time (similar lengths together, each batch cut after its longest
+        prompt) to bound memory and time; `progress` shows a bar over the prompts."""
         device = self.clip_model.logit_scale.device
         if not texts:
             return torch.zeros(0, self.embed_dim, device=device)
@@ -176,9 +177,13 @@ class ClipBackbone(nn.Module):
         # batch prompts of similar length together: each batch only runs up to its longest prompt
         order = torch.argsort(tokens.argmax(dim=-1), stable=True)
         features = torch.empty(len(texts), self.embed_dim, device=device)
-        for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
-            features[rows] = self._encode_tokens(tokens[rows]).to(features.dtype)
+        from tqdm import tqdm
+
+        with tqdm(total=len(texts), unit="prompt", desc="text encoding", disable=not progress, leave=False) as bar:
+            for start in range(0, len(texts), batch_size):
+                rows = order[start:start + batch_size]
+                features[rows] = self._encode_tokens(tokens[rows]).to(features.dtype)
+                bar.update(len(rows))
         return features
 
     def _encode_tokens(self, tokens: Tensor) -> Tensor:

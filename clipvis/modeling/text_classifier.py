@@ -86,12 +86,14 @@ def templated_prompts(classes: list[list[str]]) -> tuple[list[str], list[int]]:
 
 
 @torch.no_grad()
-def build_text_classifier(backbone: "ClipBackbone", classes: list[list[str]]) -> tuple[Tensor, list[int]]:
+def build_text_classifier(
+    backbone: "ClipBackbone", classes: list[list[str]], progress: bool = False
+) -> tuple[Tensor, list[int]]:
     """CLIP text classifier of a vocabulary -> ([S, D] one unit row per synonym, S = total synonyms;
     the number of synonyms of each class). Each row is the normalized mean of the normalized
-    embeddings of the synonym's 14 prompts."""
+    embeddings of the synonym's 14 prompts. `progress` shows a bar over the prompts."""
     prompts, num_synonyms = templated_prompts(classes)
-    embeddings = backbone.encode_text(prompts)
+    embeddings = backbone.encode_text(prompts, progress=progress)
     embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
     per_synonym = embeddings.reshape(-1, len(PROMPT_TEMPLATES), embeddings.shape[-1]).mean(dim=1)
     return per_synonym / per_synonym.norm(dim=-1, keepdim=True), num_synonyms
@@ -110,14 +112,14 @@ def _text_tower_digest(backbone: "ClipBackbone") -> str:
 
 
 def cached_text_classifier(
-    backbone: "ClipBackbone", classes: list[list[str]], cache_dir: Path | None
+    backbone: "ClipBackbone", classes: list[list[str]], cache_dir: Path | None, progress: bool = False
 ) -> tuple[Tensor, list[int]]:
     """build_text_classifier with an on-disk cache: ([S, D] classifier, synonyms per class).
 
     The cache file in `cache_dir` is keyed by the CLIP model name, a hash of the text-tower
     weights and the prompts, so a large vocabulary is encoded once. cache_dir None: no cache."""
     if cache_dir is None:
-        return build_text_classifier(backbone, classes)
+        return build_text_classifier(backbone, classes, progress)
     prompts, num_synonyms = templated_prompts(classes)
     key = hashlib.blake2b(digest_size=16)
     key.update(backbone.model_name.encode())
@@ -133,7 +135,7 @@ def cached_text_classifier(
                 return stored["classifier"].to(device), list(stored["num_synonyms"])
         except Exception:  # a damaged cache file is rebuilt below
             pass
-    classifier, num_synonyms = build_text_classifier(backbone, classes)
+    classifier, num_synonyms = build_text_classifier(backbone, classes, progress)
     save_torch_atomic({"classifier": classifier.cpu(), "num_synonyms": num_synonyms, "prompts": prompts}, path)
     return classifier, num_synonyms
 
@@ -160,12 +162,13 @@ class Vocabulary:
 
 @torch.no_grad()
 def encode_vocabulary(
-    backbone: "ClipBackbone", vocabulary: str | Sequence[str], cache_dir: Path | None = None
+    backbone: "ClipBackbone", vocabulary: str | Sequence[str], cache_dir: Path | None = None, progress: bool = False
 ) -> Vocabulary:
     """Class names ("person; dog, puppy" or a list; ',' separates synonyms) -> `Vocabulary` with the text
-    classifier of the backbone's text tower (cached on disk in `cache_dir` when given)."""
+    classifier of the backbone's text tower (cached on disk in `cache_dir` when given; `progress` shows a
+    bar over the prompts)."""
     classes = parse_vocabulary(vocabulary)
-    classifier, num_synonyms = cached_text_classifier(backbone, classes, cache_dir)
+    classifier, num_synonyms = cached_text_classifier(backbone, classes, cache_dir, progress)
     return Vocabulary(classes, classifier, list(num_synonyms))
 
 

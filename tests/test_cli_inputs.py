@@ -103,6 +103,7 @@ def test_rerun_replaces_every_output_and_reads_utf16_vocabulary_with_comments(cl
                      "--out", out, "--no-overlay")
     assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in out.iterdir()) == ["instances.csv", "results.json"]  # no stale overlay, no temp folder
+    assert "text encoding" in second.stdout and "(2 classes)" in second.stdout, second.stdout  # its own stage
     results = json.loads((out / "results.json").read_text())
     assert results and {r["category_id"] for r in results} <= {1, 2}
     assert all(len(r["segmentations"]) == 8 for r in results)

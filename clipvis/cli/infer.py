@@ -287,10 +287,12 @@ def _run_inference(args, source, vocabulary, category_ids, cfg, weights, device,
     predictor = VideoPredictor.from_config(
         cfg, weights=weights, device=device, text_cache_dir=text_cache_dir(), progress=not args.quiet
     )
+    t_build = time.perf_counter() - t0
+    t_text0 = time.perf_counter()
     vocab = predictor.encode_vocabulary(vocabulary)
     if category_ids is not None and len(category_ids) != len(vocab):
         raise VocabularyError("the vocabulary json has categories without names")
-    t_build = time.perf_counter() - t0
+    t_text = time.perf_counter() - t_text0
     info = source.info
     log.info("running on %d frames of %dx%d (%s)", info.num_frames, info.width, info.height, info.path)
     t1 = time.perf_counter()
@@ -313,7 +315,7 @@ def _run_inference(args, source, vocabulary, category_ids, cfg, weights, device,
                             max_instances=getattr(args, "overlay_top", None))
     t_overlay = time.perf_counter() - t2
     stage.commit()
-    print_summary(out, info, prediction, instances, args, t_build, t_infer, t_overlay)
+    print_summary(out, info, prediction, instances, args, t_build, t_infer, t_overlay, t_text=t_text, num_classes=len(vocab))
     return 0
 
 
@@ -328,7 +330,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def print_summary(out, info, prediction, instances, args, t_build, t_infer, t_overlay) -> None:
+def print_summary(out, info, prediction, instances, args, t_build, t_infer, t_overlay, t_text=None, num_classes=None) -> None:
     """Print the one-screen summary: instances found (the top 5), time per stage, frames/s, peak memory, outputs."""
     shown = [i for i in instances if i.score >= args.vis_threshold]
     lines = [
@@ -343,7 +345,9 @@ def print_summary(out, info, prediction, instances, args, t_build, t_infer, t_ov
         lines.append(f"  ... {len(instances) - 5} more in instances.csv")
     stages = "  ".join(f"{k} {v:.2f}s" for k, v in prediction.timings.items())
     lines += [
-        f"time: model build {t_build:.1f}s, inference {t_infer:.1f}s ({info.num_frames / max(t_infer, 1e-9):.2f} frames/s), overlay {t_overlay:.1f}s",
+        f"time: model build {t_build:.1f}s, "
+        + ("" if t_text is None else f"text encoding {t_text:.1f}s ({num_classes} classes), ")
+        + f"inference {t_infer:.1f}s ({info.num_frames / max(t_infer, 1e-9):.2f} frames/s), overlay {t_overlay:.1f}s",
         f"stages: {stages}",
         f"peak memory: {peak_rss_mb():.0f} MB",
         f"outputs: {out / 'results.json'}, {out / 'instances.csv'}" + ("" if args.no_overlay else f", {out / 'overlay.mp4'}"),

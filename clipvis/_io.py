@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Union
 
+import numpy as np
+
 from clipvis.errors import ClipvisError
 
 PathLike = Union[str, Path]
@@ -63,3 +65,22 @@ def save_torch_atomic(obj: Any, path: PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def image_to_rgb8(img) -> np.ndarray:
+    """A PIL image -> uint8 RGB `[H, W, 3]`: palette, grayscale, RGBA (alpha dropped) and CMYK converted;
+    16-bit (and 32-bit integer) grayscale scaled down to 8 bits (PIL's convert("RGB") would clip it: almost
+    every pixel of a 16-bit image would be 255)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        gray = np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_rgb_image(path: PathLike) -> np.ndarray:
+    """An image file -> uint8 RGB `[H, W, 3]`, EXIF orientation applied (as detectron2's read_image). Raises
+    the file's error (OSError, PIL's UnidentifiedImageError) for an unreadable file."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        return image_to_rgb8(ImageOps.exif_transpose(img))

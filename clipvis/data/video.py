@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
+from clipvis._io import default_file_mode, read_rgb_image
 from clipvis.errors import ClipvisError, VideoError
 
 log = logging.getLogger(__name__)
@@ -114,19 +115,87 @@ class _DecordVideo(VideoSource):
     def __init__(self, info: VideoInfo, reader):
         super().__init__(info)
         self._reader = reader
+        # Frames (positions in the whole video) that neither decord nor PyAV could decode; they are given
+        # as the last decodable frame before them (black before any), and their results should be dropped.
+        self.unreadable: set = set()
+        self._last_good: Optional[np.ndarray] = None
 
     def _read(self, indices: Sequence[int]) -> np.ndarray:
         try:
             batch = self._reader.get_batch(list(indices))
             frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
         except Exception as e:  # decord raises DECORDError / RuntimeError with a C++ traceback
-            raise VideoError(
-                f"{self.info.path}: cannot decode frames {indices[0]}..{indices[-1]} "
-                f"({_first_line(e)}); the file may be truncated or corrupt, re-encode or re-download it"
-            ) from None
+            if self.info.height <= 0:  # the probe of the first frame: the file is not usable at all
+                raise VideoError(
+                    f"{self.info.path}: cannot decode frame {indices[0]} ({_first_line(e)}); "
+                    "the file may be truncated or corrupt, re-encode or re-download it"
+                ) from None
+            log.debug("%s: decord failed on frames %d..%d (%s); decoding them with PyAV", self.info.path, indices[0], indices[-1], e)
+            frames = self._read_with_pyav(indices)
+        if len(frames):
+            self._last_good = frames[-1]
         if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
             raise VideoError(f"{self.info.path}: decoder returned frames of shape {frames.shape}; re-encode the video (e.g. to H.264 mp4)")
         return np.ascontiguousarray(frames, dtype=np.uint8)
+
+
+    def _read_with_pyav(self, indices: Sequence[int]) -> np.ndarray:
+        """`indices` decoded with PyAV, skipping corrupt packets; frames it cannot produce are recorded in
+        `unreadable` and filled with the last good frame."""
+        wanted = set(int(i) for i in indices)
+        got = _pyav_frames(self.info.path, wanted, self.info.fps)
+        shape = (self.info.height, self.info.width, 3)
+        out = np.empty((len(indices), *shape), dtype=np.uint8)
+        previous = self._last_good if self._last_good is not None else np.zeros(shape, np.uint8)
+        for k, i in enumerate(indices):
+            frame = got.get(int(i))
+            if frame is None or frame.shape != shape:
+                self.unreadable.add(int(i))
+                frame = previous
+            out[k] = previous = frame
+        return out
+
+
+def _pyav_frames(path: str, wanted: set, fps: float) -> dict:
+    """{frame index: uint8 RGB frame} for the indices in `wanted` that PyAV can decode (frame index from the
+    presentation time x fps). Decoding errors skip the packet; nothing is raised."""
+    import av
+
+    found: dict = {}
+    try:
+        container = av.open(path)
+    except Exception:
+        return found
+    with container:
+        av.logging.set_level(av.logging.PANIC) if hasattr(av.logging, "PANIC") else None
+        stream = container.streams.video[0]
+        base = float(stream.time_base)
+        start = stream.start_time or 0
+        first, last = min(wanted), max(wanted)
+        try:
+            container.seek(int(max(first / fps - 1.0, 0) / base) + start, stream=stream, backward=True)
+        except Exception:
+            pass
+        try:
+            for packet in container.demux(stream):
+                try:
+                    decoded = packet.decode()
+                except Exception:  # a corrupt packet
+                    continue
+                for frame in decoded:
+                    if frame.pts is None:
+                        continue
+                    index = int(round((frame.pts - start) * base * fps))
+                    if index in wanted and index not in found:
+                        try:
+                            found[index] = frame.to_ndarray(format="rgb24")
+                        except Exception:
+                            continue
+                if found.keys() >= wanted or (decoded and frame.pts is not None and index > last):
+                    break
+        except Exception:  # a broken container past this point
+            pass
+    return found
 
 
 class _FrameFolder(VideoSource):
@@ -255,21 +324,10 @@ def _oriented_size(img: Image.Image) -> Tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def _to_rgb8(img: Image.Image) -> np.ndarray:
-    """uint8 RGB `[H, W, 3]`; 16-bit (and 32-bit integer) grayscale is scaled down to 8 bits (PIL's
-    convert("RGB") would clip it: almost every pixel of a 16-bit frame would be 255)."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        gray = np.asarray(img).astype(np.int64)
-        gray = np.clip(gray, 0, 65535) >> 8
-        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
-    return np.asarray(img.convert("RGB"))
-
-
 def _load_frame(file: Path, expected: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """One frame image as uint8 RGB `[H, W, 3]` (EXIF orientation applied, as detectron2's read_image)."""
     try:
-        with Image.open(file) as img:
-            rgb = _to_rgb8(ImageOps.exif_transpose(img))
+        rgb = read_rgb_image(file)
     except Exception as e:
         raise VideoError(f"{file}: cannot read this frame image ({_first_line(e)}); replace or remove the file") from None
     if expected is not None and rgb.shape[:2] != tuple(expected):
@@ -468,7 +526,7 @@ class Mp4Writer:
             self._container.close()
             self._container = None
             if exc_type is None:
-                os.chmod(self._tmp, _default_file_mode())
+                os.chmod(self._tmp, default_file_mode())
                 os.replace(self._tmp, self.path)
         finally:
             if self._container is not None:
@@ -478,10 +536,3 @@ class Mp4Writer:
                     pass
             if self._tmp is not None and self._tmp.exists():
                 self._tmp.unlink()
-
-
-def _default_file_mode() -> int:
-    """rw for everyone the umask allows (mkstemp creates files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask

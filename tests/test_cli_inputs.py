@@ -211,6 +211,29 @@ def test_16_bit_png_frames_are_scaled_not_clipped(tmp_path):
     assert (got == 255).mean() < 0.05
 
 
+def test_partly_corrupt_video_keeps_the_decodable_frames(tiny_weights, tmp_path):
+    """20% of the middle bytes randomised: decord fails mid-video; PyAV decodes what it can, the frames lost are
+    named in one warning, their masks are null, and the run finishes (no C++ source paths reach the user)."""
+    path = write_video(synthetic_video(30, 64, 80, seed=1), tmp_path / "clip.mp4")
+    data = bytearray(path.read_bytes())
+    a, b = int(len(data) * 0.4), int(len(data) * 0.6)
+    data[a:b] = np.random.default_rng(0).integers(0, 256, b - a, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    proc = clipvis("--quiet", "infer", bad, "--vocab", VOCAB, "--config", TINY, "--weights", tiny_weights, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert ".cc:" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "could not be decoded" in line]
+    assert len(warnings) == 1, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results and all(len(r["segmentations"]) == 30 for r in results)
+    lost = [t for t in range(30) if all(r["segmentations"][t] is None for r in results)]
+    assert 0 < len(lost) < 30, lost
+    assert f"{len(lost)} of 30 frames" in warnings[0], (warnings[0], lost)
+    assert sorted(p.name for p in out.iterdir()) == ["instances.csv", "overlay.mp4", "results.json"]
+
+
 # --------------------------------------------------------------------------- demo
 
 

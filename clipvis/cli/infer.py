@@ -299,12 +299,21 @@ def _run_inference(args, source, vocabulary, category_ids, cfg, weights, device,
     prediction = predictor.predict_windows(source.windows(predictor.window_size), vocab, num_frames=len(source))
     t_infer = time.perf_counter() - t1
     ids = category_ids or list(range(1, len(vocab) + 1))
+    unreadable = set(getattr(source, "unreadable", ()))
+    lost = [t for t, i in enumerate(info.frame_indices) if i in unreadable]
+    if lost:
+        log.warning("%s: %d of %d frames could not be decoded (video frames %s, 0-based); their masks are left empty "
+                    "(null) in results.json; re-encode or re-download the video for complete results",
+                    info.path, len(lost), info.num_frames, frame_ranges(sorted(unreadable)))
     instances = [
         VideoInstance(
             track_id=int(q), score=float(s), category_id=ids[c], class_name=vocab.names[c], rles=list(r)
         )
         for q, s, c, r in zip(prediction.query_indices.tolist(), prediction.scores.tolist(), prediction.classes.tolist(), prediction.rles)
     ]
+    for inst in instances:
+        for t in lost:
+            inst.rles[t] = None
     write_results_json(instances, args.video_id, stage.path("results.json"))
     write_instances_csv(instances, stage.path("instances.csv"), frame_indices=info.frame_indices)
     t2 = time.perf_counter()
@@ -317,6 +326,18 @@ def _run_inference(args, source, vocabulary, category_ids, cfg, weights, device,
     stage.commit()
     print_summary(out, info, prediction, instances, args, t_build, t_infer, t_overlay, t_text=t_text, num_classes=len(vocab))
     return 0
+
+
+def frame_ranges(indices: List[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(parts)
 
 
 def text_cache_dir() -> Path:

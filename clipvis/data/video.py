@@ -167,7 +167,6 @@ def _pyav_frames(path: str, wanted: set, fps: float) -> dict:
     except Exception:
         return found
     with container:
-        av.logging.set_level(av.logging.PANIC) if hasattr(av.logging, "PANIC") else None
         stream = container.streams.video[0]
         base = float(stream.time_base)
         start = stream.start_time or 0

@@ -399,7 +399,7 @@ def _first_line(e: BaseException) -> str:
     """The useful one-line part of an exception message (decord appends C++ stack traces)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("Stack trace")]
     text = lines[0] if lines else type(e).__name__
-    text = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text)  # "[19:57:23] /src/video_reader.cc:83: " prefix
+    text = re.sub(r"\[[\d:]+\]\s*\S+:\d+:\s*", "", text)  # "[19:57:23] /src/video_reader.cc:83: " prefixes (may nest)
     return text[:200]
 
 

@@ -261,9 +261,9 @@ class CLIPtraseSegmenter(nn.Module):
     def encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [n, L] -> raw text-tower features [n, D] (before any normalisation).
 
-        Equal to ``clip.encode_text`` up to float rounding, but the zero padding after the longest
-        prompt's end token is cut off first: with the causal mask the feature at the end token does not
-        depend on later positions, and the text tower then runs on a few tokens instead of 77. Models
+        Equal to ``clip.encode_text`` up to float rounding, but each prompt is cut after its end token
+        (prompts of equal length run together): with the causal mask the feature at the end token does
+        not depend on later positions, and the text tower then runs on ~10 tokens instead of 77. Models
         without the standard open_clip text tower fall back to ``clip.encode_text``."""
         clip = self.clip
         standard = all(hasattr(clip, name) for name in
@@ -271,12 +271,16 @@ class CLIPtraseSegmenter(nn.Module):
         if not standard or getattr(clip, "text_pool_type", "argmax") != "argmax" or clip.attn_mask is None:
             return clip.encode_text(tokens)
         end = tokens.argmax(dim=-1)                    # end token: the largest id
-        length = int(end.max()) + 1
-        x = clip.token_embedding(tokens[:, :length]).to(clip.positional_embedding.dtype)
-        x = x + clip.positional_embedding[:length]
-        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
-        x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0]), end]
+        x = None
+        for length in torch.unique(end).tolist():     # one pass per prompt length, cut after its end token
+            rows = (end == length).nonzero().squeeze(1)
+            n = length + 1
+            h = clip.token_embedding(tokens[rows, :n]).to(clip.positional_embedding.dtype)
+            h = clip.transformer(h + clip.positional_embedding[:n], attn_mask=clip.attn_mask[:n, :n])
+            h = clip.ln_final(h[:, length])
+            if x is None:
+                x = h.new_empty(tokens.shape[0], h.shape[-1])
+            x[rows] = h
         proj = clip.text_projection
         if isinstance(proj, nn.Linear):
             return proj(x)

@@ -186,8 +186,45 @@ def _architecture_hints(expected: Mapping[str, torch.Tensor], given: Mapping[str
     if want is not None and have is not None and want != have:
         guess = guess_clip_model(given)
         fix = f"set MODEL.FC_CLIP.CLIP_MODEL_NAME {guess}" if guess else "set MODEL.FC_CLIP.CLIP_MODEL_NAME to the CLIP model it was trained with"
+        configs = _configs_for_clip_model(guess) if guess else []
+        if configs:
+            fix += f" (or start from a config made for it: --config {' / '.join(configs)})"
         hints.append(f"the checkpoint's CLIP model differs from the config's (config: {_describe_clip(want)}; checkpoint: {_describe_clip(have)}): {fix}")
+    # The heads' sizes, so that the fixes above, once applied, do not lead to a second error without advice.
+    for key, option, what in (("sem_seg_head.pixel_decoder.adapter_1.weight", "MODEL.SEM_SEG_HEAD.CONVS_DIM", "pixel decoder width"),
+                              ("sem_seg_head.pixel_decoder.mask_features.weight", "MODEL.SEM_SEG_HEAD.MASK_DIM", "mask feature width"),
+                              ("sem_seg_head.predictor.decoder_norm.weight", "MODEL.MASK_FORMER.HIDDEN_DIM", "transformer decoder width"),
+                              ("sem_seg_head.predictor.transformer_ffn_layers.0.linear1.weight", "MODEL.MASK_FORMER.DIM_FEEDFORWARD",
+                               "transformer decoder feed-forward width")):
+        if key in expected and key in given and expected[key].shape[0] != given[key].shape[0]:
+            hints.append(f"the checkpoint's {what} is {given[key].shape[0]} but the config builds {expected[key].shape[0]}: "
+                         f"set {option} {given[key].shape[0]}")
+    want, have = _encoder_layers(expected), _encoder_layers(given)
+    if want and have and want != have:
+        hints.append(f"the checkpoint's pixel decoder has {have} encoder layers but the config builds {want}: "
+                     f"set MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS {have}")
     return hints
+
+
+_ENCODER_LAYER = re.compile(r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\.(\d+)\.")
+
+
+def _encoder_layers(state: Mapping[str, torch.Tensor]) -> int:
+    """Number of deformable encoder layers of the pixel decoder in a state dict (0 when none are found)."""
+    found = {int(m.group(1)) for m in map(_ENCODER_LAYER.match, state) if m}
+    return max(found) + 1 if found else 0
+
+
+def _configs_for_clip_model(name: str) -> List[str]:
+    """Shipped video configs whose CLIP model is `name` (the image configs' twins are left out)."""
+    try:
+        from clipvis.config import builtin_config, load_config
+        from clipvis.config.loader import available_builtin_configs
+
+        names = [n for n in available_builtin_configs() if n.startswith("clipvis_video_")]
+        return [n for n in names if load_config(builtin_config(n)).MODEL.FC_CLIP.CLIP_MODEL_NAME == name]
+    except Exception:  # advice only: never fail the diagnosis over it
+        return []
 
 
 def _describe_clip(signature: Tuple) -> str:

@@ -133,6 +133,17 @@ def test_checkpoint_of_another_model_is_one_line_with_every_fix(clips, tiny_weig
     for fix in ("MODEL.MASK_FORMER.DEC_LAYERS 3", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES 10", "MODEL.FC_CLIP.CLIP_MODEL_NAME clipvis_tiny_convnext"):
         assert fix in line, line
     assert not out.exists()
+    assert "--config clipvis_video_tiny.yaml" in line, line
+    # following every fix at once leads to a model that loads, not to a second error without advice
+    fixes = ["MODEL.MASK_FORMER.DEC_LAYERS", "3", "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "10",
+             "MODEL.FC_CLIP.CLIP_MODEL_NAME", "clipvis_tiny_convnext"]
+    for option in ("MODEL.SEM_SEG_HEAD.CONVS_DIM", "MODEL.SEM_SEG_HEAD.MASK_DIM", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS",
+                   "MODEL.MASK_FORMER.HIDDEN_DIM", "MODEL.MASK_FORMER.DIM_FEEDFORWARD"):
+        assert option in line, (option, line)
+        fixes += [option, line.split(option + " ")[1].split()[0].rstrip(";,)")]
+    proc = clipvis("--quiet", "infer", clips[0], "--vocab", VOCAB, "--config", "clipvis_video_R50.yaml", "--weights", tiny_weights,
+                   "--out", out, "--no-overlay", "--opts", *fixes)
+    assert proc.returncode == 0, proc.stderr
 
 
 # --------------------------------------------------------------------------- arguments, checked before anything slow

@@ -196,3 +196,37 @@ def plot_training_curves(metrics_jsonl: Union[str, Path], png: Union[str, Path])
         return atomic_write(png, write)
     finally:
         plt.close(fig)
+
+
+def label_palette(n: int) -> np.ndarray:
+    """`n` RGB colors for semantic label maps, uint8 `[n, 3]` (the track colors: class `i` keeps its color)."""
+    return track_colors(n)
+
+
+def draw_semantic_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alpha: float = MASK_ALPHA,
+                          legend_rows: int = 12) -> np.ndarray:
+    """A semantic segmentation to look at: each class's pixels tinted in its color, class borders darkened, and a
+    legend (color, name, share of the image) of the largest classes in the top-left corner.
+
+    image: uint8 `[H, W, 3]`; labels: int `[H, W]` indices into `names` -> uint8 `[H, W, 3]`."""
+    colors = label_palette(len(names)).astype(np.float32)
+    out = image.astype(np.float32) * (1 - alpha) + colors[labels] * alpha
+    border = np.zeros(labels.shape, dtype=bool)
+    border[:-1] |= labels[:-1] != labels[1:]
+    border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    out[border] *= 0.35
+    canvas = Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+    counts = np.bincount(labels.reshape(-1), minlength=len(names))
+    present = [i for i in np.argsort(-counts, kind="stable") if counts[i]][:legend_rows]
+    if present:
+        draw = ImageDraw.Draw(canvas)
+        font = _font(max(image.shape[0], 320))
+        line = max(12, int(font.size * 1.3)) if hasattr(font, "size") else 14
+        texts = [f"{names[i]}  {100 * counts[i] / labels.size:.1f}%" for i in present]
+        width = max(int(draw.textlength(t, font=font)) for t in texts) + line + 10
+        draw.rectangle([0, 0, width, line * len(present) + 6], fill=(0, 0, 0))
+        for row, (i, text) in enumerate(zip(present, texts)):
+            y = 3 + row * line
+            draw.rectangle([4, y + 2, 4 + line - 6, y + line - 4], fill=tuple(int(c) for c in colors[i]))
+            draw.text((line + 4, y), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)

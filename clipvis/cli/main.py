@@ -1,4 +1,4 @@
-"""The `clipvis` command: one entry point with subcommands (infer, demo, evaluate).
+"""The `clipvis` command: one entry point with subcommands (infer, demo, evaluate, segment).
 
 Each subcommand lives in its own module `clipvis.cli.<name>` exposing
 `add_arguments(parser)` and `run(args) -> int`.
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "infer": "segment and track the objects named by a vocabulary in a video",
     "demo": "run `infer` on a built-in synthetic clip (no downloads)",
     "evaluate": "video mask AP of a results.json against LV-VIS / YouTube-VIS ground truth",
+    "segment": "training-free semantic segmentation (CLIPtrase) of an image, a folder of images or a video",
 }
 
 log = logging.getLogger("clipvis")

@@ -4,6 +4,8 @@
 `norm_pre` and a NormMlp head, no pooling, a linear projection; a CLIP text transformer with context 77
 and the usual 49408-token vocabulary) at a tiny size: timm `convnext_atto` trunk (stage widths 40/80/160/320),
 text width 64, 2 layers, 2 heads, embed dim 64. It builds in well under a second on a CPU.
+`clipvis_tiny_vit` is an OpenAI-style ViT (patch 16, QuickGELU) of 3 blocks of width 64 with the same tiny text
+tower, for CLIPtrase tests and quick tries of `clipvis segment`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `clipvis` command: one entry point with subcommands (infer, demo, evaluate, segment).
+"""The `clipvis` command: one entry point with subcommands (infer, demo, evaluate, segment, evaluate-semseg).
 
 Each subcommand lives in its own module `clipvis.cli.<name>` exposing
 `add_arguments(parser)` and `run(args) -> int`.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": "run `infer` on a built-in synthetic clip (no downloads)",
     "evaluate": "video mask AP of a results.json against LV-VIS / YouTube-VIS ground truth",
     "segment": "training-free semantic segmentation (CLIPtrase) of an image, a folder of images or a video",
+    "evaluate-semseg": "CLIPtrase on a semantic segmentation benchmark (VOC, Pascal Context, COCO, ADE), the paper's metric",
 }
 
 log = logging.getLogger("clipvis")
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
-        module = importlib.import_module(f"clipvis.cli.{name}")
+        module = importlib.import_module(f"clipvis.cli.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -187,6 +187,13 @@ class SemanticSegmenter:
             labels = np.asarray(Image.fromarray(merged.astype(np.int32), mode="I").resize((w, h), Image.NEAREST))
         return SemanticSegmentation(labels.astype(np.int64), vocabulary.names, image, clusters)
 
+    @torch.no_grad()
+    def segment_crop(self, crop: np.ndarray, vocabulary: SemanticVocabulary) -> np.ndarray:
+        """An already resized and cropped uint8 `[S, S, 3]` image (the paper's protocol) -> labels int64 `[S, S]`."""
+        if crop.shape != (self.size, self.size, 3):
+            raise ClipvisError(f"a crop must be [{self.size}, {self.size}, 3], got {tuple(crop.shape)}")
+        return self._segment_windows(np.ascontiguousarray(crop)[None], vocabulary)[0][0]
+
     def _segment_windows(self, windows: np.ndarray, vocabulary: SemanticVocabulary) -> Tuple[np.ndarray, List[int]]:
         """uint8 `[N, S, S, 3]` -> (labels int64 `[N, S, S]`, clusters per window)."""
         from clipvis.inference.cliptrase_postprocess import segment_image

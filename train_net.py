@@ -63,7 +63,7 @@ def check_inputs(cfg, args, device: str) -> None:
     (a random model is refused for --eval-only unless asked for), values that cannot work."""
     from pathlib import Path
 
-    from clipvis.cli.infer import check_config_values, check_weights_path
+    from clipvis.cli.infer import check_config_values
     from clipvis.inference.predictor import resolve_device
 
     from clipvis.data.datasets import dataset_entry

@@ -92,11 +92,14 @@ class SemanticSegmenter:
     """CLIPtrase on a CLIP ViT: `encode_vocabulary` then `segment` images (uint8 RGB `[H, W, 3]`).
 
     model: a `CLIPtraseSegmenter`; size: S (short side); protocol: "whole" or "paper"; eps / min_samples:
-    DBSCAN's (default: the paper's for S = 224 or 336; required for other sizes).
+    DBSCAN's (default: the paper's for S = 224 or 336; required for other sizes); precision: "fp32" (the
+    original's numbers) or "bf16" (the image and text towers under bfloat16 autocast; post-processing in float32).
     """
 
     def __init__(self, model, *, size: int = 224, protocol: str = "whole", eps: Optional[float] = None,
-                 min_samples: Optional[int] = None):
+                 min_samples: Optional[int] = None, precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ClipvisError(f"unknown precision {precision!r}: use fp32 (the original's numbers) or bf16")
         if protocol not in PROTOCOLS:
             raise ClipvisError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
         patch = model.patch_size
@@ -115,6 +118,7 @@ class SemanticSegmenter:
         self.model = model.eval()
         self.size, self.protocol = int(size), protocol
         self.eps, self.min_samples = float(eps), int(min_samples)
+        self.precision = precision
 
     @classmethod
     def from_open_clip(cls, model_name: str = DEFAULT_CLIP_MODEL, weights: Optional[str] = "openai",
@@ -149,39 +153,47 @@ class SemanticSegmenter:
         background = [str(t) for t in background] if background else None
         mode = mode or ("with_background" if background else "plain")
         texts = labels + (background or [])
-        text = self.model.encode_text(texts).to(self.device)
+        with self._autocast():
+            text = self.model.encode_text(texts).float().to(self.device)
         return SemanticVocabulary(labels, background, text, mode)
 
     # ------------------------------------------------------------------ images
-    @torch.no_grad()
-    def segment(self, image: np.ndarray, vocabulary: SemanticVocabulary) -> SemanticSegmentation:
-        """uint8 RGB `[H, W, 3]` -> `SemanticSegmentation` (see the protocols in the module docstring)."""
+    def windows(self, image: np.ndarray) -> np.ndarray:
+        """The S x S inputs of an image, uint8 `[N, S, S, 3]`: the paper's crop (N = 1), or the windows laid along
+        the long side of the image resized to short side S (whole protocol)."""
         image = _check_image(image, self.model.patch_size)
-        pil = Image.fromarray(image)
         if self.protocol == "paper":
             from clipvis.inference.cliptrase_preprocess import preprocess_image
 
-            crop = preprocess_image(pil, self.size)
-            labels, clusters = self._segment_windows(crop[None], vocabulary)
-            return SemanticSegmentation(labels[0], vocabulary.names, crop, clusters)
+            return preprocess_image(Image.fromarray(image), self.size)[None]
+        resized, tall, starts = self._whole_layout(image)
+        return np.stack([resized[s:s + self.size] if tall else resized[:, s:s + self.size] for s in starts])
+
+    def _whole_layout(self, image: np.ndarray):
         from clipvis.inference.cliptrase_preprocess import resized_size
 
         h, w = image.shape[:2]
         rh, rw = resized_size(h, w, self.size)
-        resized = np.asarray(pil.resize((rw, rh), Image.BICUBIC)) if (rh, rw) != (h, w) else image
+        resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC)) if (rh, rw) != (h, w) else image
         tall = rh > rw
-        long_side = rh if tall else rw
-        starts = window_starts(long_side, self.size)
-        windows = np.stack([resized[s:s + self.size] if tall else resized[:, s:s + self.size] for s in starts])
+        return resized, tall, window_starts(rh if tall else rw, self.size)
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, vocabulary: SemanticVocabulary) -> SemanticSegmentation:
+        """uint8 RGB `[H, W, 3]` -> `SemanticSegmentation` (see the protocols in the module docstring)."""
+        image = _check_image(image, self.model.patch_size)
+        windows = self.windows(image)
         window_labels, clusters = self._segment_windows(windows, vocabulary)
+        if self.protocol == "paper":
+            return SemanticSegmentation(window_labels[0], vocabulary.names, windows[0], clusters)
+        h, w = image.shape[:2]
+        resized, tall, starts = self._whole_layout(image)
+        long_side = resized.shape[0] if tall else resized.shape[1]
         # every position along the long side takes the window whose centre is nearest
         centres = np.asarray(starts) + self.size / 2
         owner = np.abs(np.arange(long_side)[:, None] + 0.5 - centres[None]).argmin(axis=1)
         offset = np.arange(long_side) - np.asarray(starts)[owner]
-        if tall:
-            merged = window_labels[owner, offset]                       # [rh, S]
-        else:
-            merged = window_labels[owner, :, offset].T                  # [S, rw]
+        merged = window_labels[owner, offset] if tall else window_labels[owner, :, offset].T
         labels = merged
         if merged.shape != (h, w):
             labels = np.asarray(Image.fromarray(merged.astype(np.int32), mode="I").resize((w, h), Image.NEAREST))
@@ -194,12 +206,20 @@ class SemanticSegmenter:
             raise ClipvisError(f"a crop must be [{self.size}, {self.size}, 3], got {tuple(crop.shape)}")
         return self._segment_windows(np.ascontiguousarray(crop)[None], vocabulary)[0][0]
 
+    def _autocast(self):
+        import contextlib
+
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _segment_windows(self, windows: np.ndarray, vocabulary: SemanticVocabulary) -> Tuple[np.ndarray, List[int]]:
         """uint8 `[N, S, S, 3]` -> (labels int64 `[N, S, S]`, clusters per window)."""
         from clipvis.inference.cliptrase_postprocess import segment_image
         from clipvis.inference.cliptrase_preprocess import to_input_tensor
 
-        tokens, attn = self.model.encode_image(to_input_tensor(windows).to(self.device))
+        with self._autocast():
+            tokens, attn = self.model.encode_image(to_input_tensor(windows).to(self.device))
         out, clusters = [], []
         for i in range(len(windows)):
             seg = segment_image(tokens[i].float().cpu(), attn[i].float().cpu(), vocabulary.text.float().cpu(),

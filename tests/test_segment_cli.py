@@ -1,6 +1,7 @@
 """`clipvis segment` (CLIPtrase) through the real CLI on an image, a folder and a video, with a tiny ViT and
 random weights saved as a local file; bad input gives one clear line and leaves nothing behind. That the
-segmentation itself equals the original's is tests/test_cliptrase.py's (and test_semantic_segmenter_*)."""
+segmentation itself equals the original's is tests/test_cliptrase.py's, and through SemanticSegmenter's paper
+protocol tests/test_semseg_evaluation.py's."""
 from __future__ import annotations
 
 import json
@@ -74,7 +75,8 @@ def test_segment_an_image_a_folder_and_a_video(tmp_path, tiny_weights):
     with Mp4Writer(tmp_path / "clip.mp4", fps=5) as writer:
         for frame in frames:
             writer.write(frame)
-    run = _segment(str(tmp_path / "clip.mp4"), "--vocab", "circle; square", *model, "--out", str(tmp_path / "video"))
+    run = _segment(str(tmp_path / "clip.mp4"), "--vocab", "circle; square", *model, "--out", str(tmp_path / "video"),
+                   "--precision", "bf16")
     assert run.returncode == 0, run.stderr
     summary = json.loads((tmp_path / "video" / "segments.json").read_text())
     assert summary["count"] == 3 and len(summary["frames"]) == 3

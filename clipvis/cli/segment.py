@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an open_clip pretrained tag already in the local cache (default openai) or a local file of "
                              "OpenAI-format weights")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 (default, the original's numbers) or bf16 (towers under bfloat16 autocast)")
     parser.add_argument("--max-frames", type=_positive_int, default=None, help="a video: segment at most this many frames")
 
 
@@ -152,7 +154,7 @@ def _run(args, kind, items, classes, background, out: Path) -> int:
     started = time.perf_counter()
     segmenter = SemanticSegmenter.from_open_clip(args.clip_model, weights=args.clip_weights, device=args.device,
                                                  size=args.size, protocol=args.protocol, eps=args.eps,
-                                                 min_samples=args.min_samples)
+                                                 min_samples=args.min_samples, precision=args.precision)
     vocab = segmenter.encode_vocabulary(classes, background)
     log.info("%s on %s: %d classes%s, S %d, %s protocol, DBSCAN eps %g min_samples %d", args.clip_model,
              args.clip_weights, len(classes), f" + {len(background)} background texts" if background else "",

@@ -10,6 +10,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The suite never reaches the network: a test that would fetch CLIP weights gets the offline error at once
+# (subprocesses inherit it). Tests of the download path unset it and stand in for the downloader.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 def reference_dir() -> Path:
     """The reference folder: $CLIPVIS_REFERENCE, default ../shared/reference from the repo root."""

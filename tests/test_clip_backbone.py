@@ -102,12 +102,43 @@ def test_unknown_pretrained_tag_is_a_clipvis_error(tmp_path):
         ClipBackbone("RN50", pretrained=str(tmp_path / "missing_weights.pt"))
 
 
-def test_uncached_pretrained_tag_is_a_clipvis_error(monkeypatch, tmp_path):
-    """A known tag whose weights are not downloaded is refused (never downloaded) with a how-to."""
+def _no_cache(monkeypatch, tmp_path):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda **kwargs: None)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(ClipvisError, match="not in the local cache"):
+
+
+def test_uncached_pretrained_tag_offline_is_a_clipvis_error(monkeypatch, tmp_path):
+    """Offline (HF_HUB_OFFLINE=1), a known tag whose weights are not in the cache is refused with a how-to."""
+    _no_cache(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ClipvisError, match="not in the local cache and downloads are off"):
+        ClipBackbone("convnext_base_w_320", pretrained="laion_aesthetic_s13b_b82k_augreg")
+
+
+def test_uncached_pretrained_tag_is_downloaded_on_first_use(monkeypatch, tmp_path):
+    """Online, the tag is fetched through open_clip's downloader (stood in for here: no network in tests); a failed
+    download is one clear error naming the way out."""
+    import open_clip.pretrained
+
+    _no_cache(monkeypatch, tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("CLIPVIS_OFFLINE", raising=False)
+    source = ClipBackbone("clipvis_tiny_convnext")
+    weights = tmp_path / "fetched.pt"
+    torch.save(source.clip_model.state_dict(), weights)
+    asked = []
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", lambda cfg, **kw: asked.append(cfg) or str(weights))
+    from clipvis.modeling import clip_backbone
+
+    path = clip_backbone._resolve_pretrained("convnext_base_w_320", "laion_aesthetic_s13b_b82k_augreg")
+    assert path == weights and len(asked) == 1
+
+    def unreachable(cfg, **kw):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", unreachable)
+    with pytest.raises(ClipvisError, match="could not download .*name resolution.*fetch them once elsewhere"):
         ClipBackbone("convnext_base_w_320", pretrained="laion_aesthetic_s13b_b82k_augreg")
 
 

@@ -72,8 +72,15 @@ def _cached_pretrained_file(model_name: str, tag: str) -> Path | None:
     return None
 
 
+def offline() -> bool:
+    """True when downloads are switched off: HF_HUB_OFFLINE=1 (Hugging Face's switch) or CLIPVIS_OFFLINE=1."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "CLIPVIS_OFFLINE"))
+
+
 def _resolve_pretrained(model_name: str, pretrained: str) -> Path:
-    """A local weights file for `pretrained` (a file path or an already-cached open_clip tag)."""
+    """A local weights file for `pretrained`: a file path, or an open_clip pretrained tag, taken from the local
+    cache or, on first use, downloaded into it as open_clip does (not when `offline()`)."""
     path = Path(pretrained).expanduser()
     if path.is_file():
         return path
@@ -84,14 +91,32 @@ def _resolve_pretrained(model_name: str, pretrained: str) -> Path:
             f"{model_name!r} (known tags: {tags}); give a local weights file or one of those tags"
         )
     cached = _cached_pretrained_file(model_name, pretrained)
-    if cached is None:
+    if cached is not None:
+        return cached
+    fetch = ("python -c \"import open_clip; "
+             f"open_clip.create_model('{model_name}', pretrained='{pretrained}')\"")
+    if offline():
         raise ClipvisError(
-            f"open_clip weights {model_name}/{pretrained} are not in the local cache and clipvis "
-            "never downloads; fetch them once with: python -c \"import open_clip; "
-            f"open_clip.create_model('{model_name}', pretrained='{pretrained}')\" "
+            f"open_clip weights {model_name}/{pretrained} are not in the local cache and downloads are off "
+            f"(HF_HUB_OFFLINE / CLIPVIS_OFFLINE); fetch them once on a machine with internet with: {fetch} "
             "(or pass the path of a local weights file)"
         )
-    return cached
+    from open_clip.pretrained import download_pretrained
+
+    logging.getLogger(__name__).warning("downloading CLIP weights %s/%s (first use; cached for the next runs)",
+                                        model_name, pretrained)
+    try:
+        downloaded = download_pretrained(get_pretrained_cfg(model_name, pretrained))
+    except Exception as error:  # network, hub or disk errors of many kinds
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ClipvisError(
+            f"could not download open_clip weights {model_name}/{pretrained} ({reason}); without internet, "
+            f"fetch them once elsewhere with: {fetch}, copy the cache (~/.cache/huggingface) here, or pass a local "
+            "weights file"
+        ) from None
+    if not downloaded or not Path(downloaded).is_file():
+        raise ClipvisError(f"open_clip found no weights file for {model_name}/{pretrained}; pass a local weights file")
+    return Path(downloaded)
 
 
 class ClipBackbone(nn.Module):
@@ -105,7 +130,8 @@ class ClipBackbone(nn.Module):
     def __init__(self, model_name: str, pretrained: str | None = None):
         """model_name: an open_clip model name (`convnext_base_w_320`, `RN50`, ...).
         pretrained: None (random init, weights come later from a checkpoint), a local weights
-        file, or an open_clip pretrained tag that is already in the local cache."""
+        file, or an open_clip pretrained tag (from the local cache, or downloaded into it on first use
+        unless HF_HUB_OFFLINE / CLIPVIS_OFFLINE is set)."""
         super().__init__()
         from clipvis.config.open_clip_models import register_open_clip_configs
 

@@ -95,3 +95,17 @@ def pytest_collection_modifyitems(config, items):
             if "empty parameter set" in str(mark.kwargs.get("reason", "")):
                 item.add_marker(pytest.mark.skip(reason=reason), append=False)
                 break
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A seeded tiny CLIP-VIS video model (clipvis_video_tiny.yaml) saved in the original's checkpoint layout."""
+    from clipvis.checkpoint import model_to_official_keys
+    from clipvis.config import builtin_config, load_config
+    from clipvis.modeling.meta_arch import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config(builtin_config("clipvis_video_tiny.yaml")))
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save({"model": model_to_official_keys(model.state_dict()), "iteration": 0}, path)
+    return path

@@ -7,33 +7,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from clipvis.checkpoint import model_to_official_keys
 from clipvis.cli.main import main
 from clipvis.config import builtin_config, load_config
 from clipvis.data.synthetic import synthetic_video, write_frame_folder, write_video
 from clipvis.data.video import open_video
 from clipvis.inference.predictor import VideoPredictor
-from clipvis.modeling.meta_arch import build_model
 
 TINY = "clipvis_video_tiny.yaml"
 VOCAB = "circle; square, box; triangle"
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    """A seeded tiny model saved in the original's checkpoint layout."""
-    torch.manual_seed(0)
-    model = build_model(load_config(builtin_config(TINY)))
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.save({"model": model_to_official_keys(model.state_dict()), "iteration": 0}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

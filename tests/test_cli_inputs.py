@@ -11,27 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from clipvis.checkpoint import model_to_official_keys
-from clipvis.config import builtin_config, load_config
+from clipvis.config import builtin_config
 from clipvis.data.synthetic import synthetic_video, write_frame_folder, write_video
 from clipvis.mask_encoding import masks_to_rles
-from clipvis.modeling.meta_arch import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "clipvis_video_tiny.yaml"
 VOCAB = "circle; square, box; triangle"
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(load_config(builtin_config(TINY)))
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.save({"model": model_to_official_keys(model.state_dict()), "iteration": 0}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

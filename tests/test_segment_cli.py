@@ -87,7 +87,7 @@ def test_segment_an_image_a_folder_and_a_video(tmp_path, tiny_weights):
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "P"])
 def test_grayscale_rgba_16bit_and_palette_images_are_read(tmp_path, tiny_weights, mode, capsys):
-    image = _image(tmp_path / f"img.png", mode=mode)
+    image = _image(tmp_path / "img.png", mode=mode)
     code = main(["--quiet", "segment", str(image), "--vocab", "a; b", "--clip-model", TINY, "--clip-weights",
                  str(tiny_weights), "--out", str(tmp_path / "out")])
     assert code == 0, capsys.readouterr().err

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from clipvis.cli.segment import _positive_float, _positive_int
+from clipvis.cli.arg_types import positive_float, positive_int
 from clipvis.errors import ClipvisError
 
 log = logging.getLogger("clipvis.evaluate_semseg")
@@ -18,13 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True,
                         help="a registered semantic segmentation dataset: voc20, voc21, pc59, pc60, pc459, coco_stuff_171, "
                              "coco_object_80, ade150, ade847, cityscapes_19 (under $CLIPVIS_DATASETS, default ./datasets)")
-    parser.add_argument("--size", type=_positive_int, default=224, help="short side and crop S (the paper: 224 or 336)")
-    parser.add_argument("--eps", type=_positive_float, default=None, help="DBSCAN eps (default the paper's for S)")
-    parser.add_argument("--min-samples", type=_positive_int, default=None, help="DBSCAN min_samples (default the paper's for S)")
+    parser.add_argument("--size", type=positive_int, default=224, help="short side and crop S (the paper: 224 or 336)")
+    parser.add_argument("--eps", type=positive_float, default=None, help="DBSCAN eps (default the paper's for S)")
+    parser.add_argument("--min-samples", type=positive_int, default=None, help="DBSCAN min_samples (default the paper's for S)")
     parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip ViT model (default ViT-B-16)")
     parser.add_argument("--clip-weights", default="openai", help="open_clip tag in the local cache or a local OpenAI-format file")
     parser.add_argument("--out", default=None, help="output folder (default output/semseg/<dataset>_<S>)")
-    parser.add_argument("--num-processes", type=_positive_int, default=1, help="local processes sharing the images")
+    parser.add_argument("--num-processes", type=positive_int, default=1, help="local processes sharing the images")
 
 
 def run(args) -> int:

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import re
 import resource
 import shutil
 import sys
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from clipvis.cli.arg_types import device_name, positive_fps, score_threshold, video_id
 from clipvis.errors import ClipvisError, VocabularyError
 
 log = logging.getLogger("clipvis.infer")
@@ -26,47 +26,6 @@ log = logging.getLogger("clipvis.infer")
 DEFAULT_CONFIG = "clipvis_video_ConvNeXt-B.yaml"
 # Every file a run may write into --out; a rerun removes the ones it does not write (e.g. overlay.mp4 with --no-overlay).
 OUTPUT_FILES = ("results.json", "instances.csv", "overlay.mp4")
-
-
-def score_threshold(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a score between 0 and 1") from None
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a score between 0 and 1")
-    return value
-
-
-def video_id(text: str) -> int:
-    """argparse type: a non-negative integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a non-negative video id") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative; give a non-negative video id")
-    return value
-
-
-def device_name(text: str) -> str:
-    """argparse type: cpu, cuda or cuda:N (any case: "CPU" is cpu)."""
-    value = text.strip().lower()
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N")
-    return value
-
-
-def positive_fps(text: str) -> float:
-    """argparse type: a positive frame rate."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive frame rate")
-    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

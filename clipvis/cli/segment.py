@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -19,32 +18,13 @@ import time
 from pathlib import Path
 from typing import List
 
+from clipvis.cli.arg_types import device_name, positive_float, positive_int
 from clipvis.errors import ClipvisError, VocabularyError
 
 log = logging.getLogger("clipvis.segment")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,19 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--background", default=None,
                         help='background texts (";"-separated): pixels they win are labelled "background"')
     parser.add_argument("--out", default="clipvis_segment", help="output folder (default clipvis_segment)")
-    parser.add_argument("--size", type=_positive_int, default=224, help="short side S in pixels (default 224; the paper: 224 or 336)")
+    parser.add_argument("--size", type=positive_int, default=224, help="short side S in pixels (default 224; the paper: 224 or 336)")
     parser.add_argument("--protocol", choices=("whole", "paper"), default="whole",
                         help="whole: every pixel, any aspect ratio (default); paper: short side S, centre crop S x S")
-    parser.add_argument("--eps", type=_positive_float, default=None, help="DBSCAN eps (default the paper's: 0.7 at 224, 1.1 at 336)")
-    parser.add_argument("--min-samples", type=_positive_int, default=None, help="DBSCAN min_samples (default 3 at 224, 7 at 336)")
+    parser.add_argument("--eps", type=positive_float, default=None, help="DBSCAN eps (default the paper's: 0.7 at 224, 1.1 at 336)")
+    parser.add_argument("--min-samples", type=positive_int, default=None, help="DBSCAN min_samples (default 3 at 224, 7 at 336)")
     parser.add_argument("--clip-model", default="ViT-B-16", help="open_clip ViT model (default ViT-B-16)")
     parser.add_argument("--clip-weights", default="openai",
                         help="an open_clip pretrained tag already in the local cache (default openai) or a local file of "
                              "OpenAI-format weights")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32 (default, the original's numbers) or bf16 (towers under bfloat16 autocast)")
-    parser.add_argument("--max-frames", type=_positive_int, default=None, help="a video: segment at most this many frames")
+    parser.add_argument("--max-frames", type=positive_int, default=None, help="a video: segment at most this many frames")
 
 
 def _read_classes(args) -> List[str]:

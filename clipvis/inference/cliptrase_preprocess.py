@@ -64,7 +64,7 @@ def is_skipped(gt: np.ndarray | torch.Tensor) -> bool:
 
 def to_input_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [S, S, 3] or [B, S, S, 3] -> float32 [B, 3, S, S]: ToTensor then Normalize with CLIP mean/std."""
-    x = torch.as_tensor(np.asarray(images))
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))  # a copy: PIL's arrays are read-only
     if x.dtype != torch.uint8 or x.shape[-1] != 3 or x.ndim not in (3, 4):
         raise PreprocessError(f"expected uint8 images [.., S, S, 3], got {x.dtype} {tuple(x.shape)}")
     if x.ndim == 3:

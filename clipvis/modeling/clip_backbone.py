@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from clipvis.errors import CheckpointError, ClipvisError
 from clipvis.modeling.image_towers import FEATURE_STRIDES, ClipImageTower, image_tower_for
 
-__all__ = ["ClipBackbone", "FEATURE_STRIDES"]
+__all__ = ["ClipBackbone", "FEATURE_STRIDES", "encode_text_tokens"]
 
 
 @contextmanager
@@ -117,6 +117,27 @@ def _resolve_pretrained(model_name: str, pretrained: str) -> Path:
     if not downloaded or not Path(downloaded).is_file():
         raise ClipvisError(f"open_clip found no weights file for {model_name}/{pretrained}; pass a local weights file")
     return Path(downloaded)
+
+
+def encode_text_tokens(model: nn.Module, tokens: Tensor) -> Tensor:
+    """An open_clip CLIP's text tower: tokens [N, context] -> [N, D] projected features at each prompt's
+    end-of-text token, not normalized (what `model.encode_text(tokens)` gives).
+
+    The text transformer is causal and the end-of-text token is the prompt's highest token id, so positions
+    after the longest prompt cannot change the result: they are cut off, which makes short prompts several
+    times cheaper than running the whole 77-token context. Towers of another kind fall back to encode_text."""
+    if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None:
+        return model.encode_text(tokens, normalize=False)
+    end = tokens.argmax(dim=-1)
+    length = int(end.max()) + 1
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens[:, :length]).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), end]
+    projection = model.text_projection
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
 class ClipBackbone(nn.Module):
@@ -213,24 +234,8 @@ class ClipBackbone(nn.Module):
         return features
 
     def _encode_tokens(self, tokens: Tensor) -> Tensor:
-        """tokens [N, context] -> [N, D] features at each prompt's end-of-text token.
-
-        The text transformer is causal and the end-of-text token is the prompt's highest token id,
-        so positions after the longest prompt cannot change the result: they are cut off, which
-        makes short prompts several times cheaper than running the whole 77-token context."""
-        model = self.clip_model
-        if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None:
-            return model.encode_text(tokens, normalize=False)
-        end = tokens.argmax(dim=-1)
-        length = int(end.max()) + 1
-        cast_dtype = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens[:, :length]).to(cast_dtype)
-        x = x + model.positional_embedding[:length].to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-        x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), end]
-        projection = model.text_projection
-        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        """tokens [N, context] -> [N, D] features at each prompt's end-of-text token (`encode_text_tokens`)."""
+        return encode_text_tokens(self.clip_model, tokens)
 
     @torch.no_grad()
     def pooled_embeddings(self, dense: Tensor, masks: Tensor) -> Tensor:

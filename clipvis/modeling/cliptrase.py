@@ -259,32 +259,11 @@ class CLIPtraseSegmenter(nn.Module):
         return F.normalize(feats, dim=-1)
 
     def encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids [n, L] -> raw text-tower features [n, D] (before any normalisation).
+        """Token ids [n, L] -> raw text-tower features [n, D] (before any normalisation): `clip.encode_text`
+        up to float rounding, run only up to the longest prompt (`clip_backbone.encode_text_tokens`)."""
+        from clipvis.modeling.clip_backbone import encode_text_tokens
 
-        Equal to ``clip.encode_text`` up to float rounding, but each prompt is cut after its end token
-        (prompts of equal length run together): with the causal mask the feature at the end token does
-        not depend on later positions, and the text tower then runs on ~10 tokens instead of 77. Models
-        without the standard open_clip text tower fall back to ``clip.encode_text``."""
-        clip = self.clip
-        standard = all(hasattr(clip, name) for name in
-                       ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask"))
-        if not standard or getattr(clip, "text_pool_type", "argmax") != "argmax" or clip.attn_mask is None:
-            return clip.encode_text(tokens)
-        end = tokens.argmax(dim=-1)                    # end token: the largest id
-        x = None
-        for length in torch.unique(end).tolist():     # one pass per prompt length, cut after its end token
-            rows = (end == length).nonzero().squeeze(1)
-            n = length + 1
-            h = clip.token_embedding(tokens[rows, :n]).to(clip.positional_embedding.dtype)
-            h = clip.transformer(h + clip.positional_embedding[:n], attn_mask=clip.attn_mask[:n, :n])
-            h = clip.ln_final(h[:, length])
-            if x is None:
-                x = h.new_empty(tokens.shape[0], h.shape[-1])
-            x[rows] = h
-        proj = clip.text_projection
-        if isinstance(proj, nn.Linear):
-            return proj(x)
-        return x @ proj if proj is not None else x
+        return encode_text_tokens(self.clip, tokens)
 
     @property
     def logit_scale(self) -> float:

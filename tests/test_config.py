@@ -437,3 +437,43 @@ def test_config_without_base_is_refused_not_run_as_defaults():
 
     with pytest.raises(ConfigError, match="_BASE_"):
         build_model(load_config())
+
+
+# ----------------------------------------------------------------------------- used or refused
+def _leaf_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value, prefix + key + ".")
+        else:
+            yield prefix + key
+
+
+def test_every_key_is_read_or_listed_as_unused():
+    """A config key is either read by the code or in the one explicit accepted-but-unused list."""
+    import re
+
+    from clipvis.config.defaults import UNUSED_KEYS
+
+    keys = set(_leaf_keys(get_default_config()))
+    assert UNUSED_KEYS <= keys, sorted(UNUSED_KEYS - keys)
+    sources = [p for p in (REPO_ROOT / "clipvis").rglob("*.py") if p.name != "defaults.py"] + [REPO_ROOT / "train_net.py"]
+    code = "\n".join(p.read_text(encoding="utf-8") for p in sources)
+    unread = [k for k in sorted(keys - UNUSED_KEYS)
+              if not re.search(r"\.%s\b|[\"']%s[\"']" % ((k.rsplit(".", 1)[-1],) * 2), code)]
+    assert not unread, f"keys neither read nor listed in UNUSED_KEYS: {unread}"
+
+
+def test_an_unused_key_given_a_value_warns_that_it_has_no_effect(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="clipvis.config"):
+        load_config(builtin_config("clipvis_video_tiny.yaml"), ["SOLVER.WEIGHT_DECAY_BIAS", "0.1"])
+    assert "SOLVER.WEIGHT_DECAY_BIAS" in caplog.text and "no effect" in caplog.text
+    caplog.clear()
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"_BASE_: {builtin_config('clipvis_video_tiny.yaml')}\nSOLVER:\n  WEIGHT_DECAY_BIAS: 0.1\n")
+    with caplog.at_level("WARNING", logger="clipvis.config"):
+        load_config(path)
+    assert "SOLVER.WEIGHT_DECAY_BIAS" in caplog.text and "no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipvis.config"):
+        load_config(builtin_config("clipvis_video_ConvNeXt-B.yaml"), ["TEST.TEST_NUM_CLASSES", "40"])  # the original's: silent
+    assert caplog.text == ""

@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Sequence, Union
 
-from clipvis.config.defaults import get_default_config
+import logging
+
+from clipvis.config.defaults import UNUSED_KEYS, get_default_config
 from clipvis.config.node import CfgNode
 from clipvis.errors import ConfigError
 
@@ -20,6 +22,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     if path is not None:
         cfg.merge_from_file(path)
     cfg.merge_from_list(overrides)
+    _warn_unused_values(cfg, path or "the overrides")
     if cfg.VERSION != 2:
         raise ConfigError(
             f"Config VERSION {cfg.VERSION!r} (from {path or 'the overrides'}) is not supported: only detectron2's "
@@ -58,3 +61,24 @@ def builtin_config(name: str) -> Path:
     listing = ", ".join(available) if available else "none found (clipvis/configs/ is missing from this installation: reinstall clipvis)"
     raise ConfigError(f"No shipped config named {name!r}. Available: {listing}.")
 
+
+# Unused keys that the original's configs and command lines set: loading those must not warn.
+_SET_BY_SHIPPED_CONFIGS = frozenset("""
+    TEST.TEST_NUM_CLASSES TEST.WINDOW_INFERENCE MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
+    MODEL.MASK_FORMER.TEST.SEMANTIC_ON MODEL.MASK_FORMER.TEST.INSTANCE_ON MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD
+    MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD MODEL.FC_CLIP.EMBED_DIM
+""".split())
+
+
+def _warn_unused_values(cfg: CfgNode, path) -> None:
+    """Warn about unused keys set (in the file or the overrides) to something other than their default (a value
+    someone may expect to matter), except those the original's own configs and command lines set."""
+    defaults = get_default_config()
+    for key in sorted(UNUSED_KEYS - _SET_BY_SHIPPED_CONFIGS):
+        value, default = cfg, defaults
+        for part in key.split("."):
+            value, default = value[part], default[part]
+        if value != default:
+            logging.getLogger("clipvis.config").warning(
+                "config %s sets %s = %r, which clipvis does not use (detectron2/Mask2Former options for other "
+                "models and tasks); it has no effect", path, key, value)

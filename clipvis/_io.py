@@ -10,9 +10,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
-import numpy as np
+if TYPE_CHECKING:  # numpy and PIL are imported where images are read: `clipvis --help` stays light
+    import numpy as np
 
 from clipvis.errors import ClipvisError
 
@@ -67,17 +68,19 @@ def save_torch_atomic(obj: Any, path: PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def image_to_rgb8(img) -> np.ndarray:
+def image_to_rgb8(img) -> "np.ndarray":
     """A PIL image -> uint8 RGB `[H, W, 3]`: palette, grayscale, RGBA (alpha dropped) and CMYK converted;
     16-bit (and 32-bit integer) grayscale scaled down to 8 bits (PIL's convert("RGB") would clip it: almost
     every pixel of a 16-bit image would be 255)."""
+    import numpy as np
+
     if img.mode.startswith("I;16") or img.mode == "I":
         gray = np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8
         return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
     return np.asarray(img.convert("RGB"))
 
 
-def read_rgb_image(path: PathLike) -> np.ndarray:
+def read_rgb_image(path: PathLike) -> "np.ndarray":
     """An image file -> uint8 RGB `[H, W, 3]`, EXIF orientation applied (as detectron2's read_image). Raises
     the file's error (OSError, PIL's UnidentifiedImageError) for an unreadable file."""
     from PIL import Image, ImageOps

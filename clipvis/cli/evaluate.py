@@ -8,13 +8,13 @@ as JSON (``stats``, ``stats_base``, ``stats_novel``, ``per_category``; the keys 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 
+from clipvis._io import write_json_atomic
 from clipvis.errors import ClipvisError
 
 # clipvis.evaluation.MODES, spelled out so that `clipvis --help` does not import numpy and pycocotools.
@@ -37,21 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help=f"write the metrics JSON to this file, or to {METRICS_FILE} inside it when it is a folder "
                              "(an existing one, or a path ending in '/'); written atomically")
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -91,6 +76,6 @@ def run(args) -> int:
     if args.out:
         out = {k: v for k, v in metrics.items() if k != "per_category"}
         out["per_category"] = {str(k): v for k, v in metrics["per_category"].items()}
-        write_json_atomic(out, out_path)
+        write_json_atomic(out_path, out)
         print(f"metrics written to {out_path}")
     return 0

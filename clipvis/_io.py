@@ -87,3 +87,26 @@ def read_rgb_image(path: PathLike) -> "np.ndarray":
 
     with Image.open(path) as img:
         return image_to_rgb8(ImageOps.exif_transpose(img))
+
+
+def completed_keys(part: PathLike, key: str) -> set:
+    """The `key` values of the records of a JSON-lines progress file, up to the first line an interruption cut
+    short (what a resumed run need not do again); empty if the file does not exist."""
+    done = set()
+    part = Path(part)
+    if part.exists():
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                done.add(json.loads(line)[key])
+            except (json.JSONDecodeError, KeyError):
+                break  # a line cut short by an interruption: that item runs again
+    return done
+
+
+def truncate_to_complete_lines(part: PathLike) -> None:
+    """Drop a last line that an interruption cut short, so appending starts on a fresh line."""
+    part = Path(part)
+    if part.exists():
+        data = part.read_bytes()
+        if data and not data.endswith(b"\n"):
+            part.write_bytes(data[: data.rfind(b"\n") + 1])

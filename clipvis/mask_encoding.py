@@ -36,8 +36,13 @@ def logits_to_output_masks(
 
 def encode_rles(masks: torch.Tensor) -> List[Rle]:
     """bool `[Q,H,W]` -> Q COCO RLEs (counts as str), empty masks included."""
-    array = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in mask_util.encode(array)]
+    return _encode(masks.cpu().numpy())
+
+
+def _encode(masks: np.ndarray) -> List[Rle]:
+    """bool `[N, H, W]` -> N JSON-ready RLEs (pycocotools encodes a Fortran-ordered uint8 [H, W, N] stack in one call)."""
+    stack = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")} for r in mask_util.encode(stack)]
 
 
 def masks_to_rles(masks: np.ndarray) -> List[Optional[Rle]]:
@@ -53,10 +58,8 @@ def masks_to_rles(masks: np.ndarray) -> List[Optional[Rle]]:
     present = masks.reshape(len(masks), -1).any(axis=1)
     rles: List[Optional[Rle]] = [None] * len(masks)
     if present.any():
-        # pycocotools encodes a Fortran-ordered uint8 [H, W, N] stack in one call
-        stack = np.asfortranarray(masks[present].transpose(1, 2, 0).astype(np.uint8))
-        for t, rle in zip(np.flatnonzero(present), mask_util.encode(stack)):
-            rles[t] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        for t, rle in zip(np.flatnonzero(present), _encode(masks[present])):
+            rles[t] = rle
     return rles
 
 

@@ -12,9 +12,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from clipvis._io import atomic_write
 from clipvis.data.video import Mp4Writer, VideoSource, progress_bar
 from clipvis.errors import ClipvisError
-from clipvis.inference.outputs import VideoInstance, atomic_write, decode_rle
+from clipvis.inference.outputs import VideoInstance
+from clipvis.mask_encoding import decode_rle
 
 log = logging.getLogger(__name__)
 
@@ -198,18 +200,13 @@ def plot_training_curves(metrics_jsonl: Union[str, Path], png: Union[str, Path])
         plt.close(fig)
 
 
-def label_palette(n: int) -> np.ndarray:
-    """`n` RGB colors for semantic label maps, uint8 `[n, 3]` (the track colors: class `i` keeps its color)."""
-    return track_colors(n)
-
-
 def draw_semantic_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], *, alpha: float = MASK_ALPHA,
                           legend_rows: int = 12) -> np.ndarray:
     """A semantic segmentation to look at: each class's pixels tinted in its color, class borders darkened, and a
     legend (color, name, share of the image) of the largest classes in the top-left corner.
 
     image: uint8 `[H, W, 3]`; labels: int `[H, W]` indices into `names` -> uint8 `[H, W, 3]`."""
-    colors = label_palette(len(names)).astype(np.float32)
+    colors = track_colors(len(names)).astype(np.float32)  # class i keeps its color
     out = image.astype(np.float32) * (1 - alpha) + colors[labels] * alpha
     border = np.zeros(labels.shape, dtype=bool)
     border[:-1] |= labels[:-1] != labels[1:]

@@ -14,7 +14,7 @@ import torch
 from clipvis.checkpoint import model_to_official_keys
 from clipvis.config import builtin_config, load_config
 from clipvis.data.synthetic import synthetic_video_and_masks, write_frame_folder
-from clipvis.inference.outputs import masks_to_rles
+from clipvis.mask_encoding import masks_to_rles
 from clipvis.modeling.meta_arch import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,14 +13,9 @@ from pycocotools import mask as mask_util
 from clipvis.data.synthetic import synthetic_video_and_masks, write_video
 from clipvis.data.video import open_video
 from clipvis.errors import ClipvisError
-from clipvis.inference.outputs import (
-    VideoInstance,
-    atomic_write,
-    masks_to_rles,
-    rles_to_masks,
-    write_instances_csv,
-    write_results_json,
-)
+from clipvis._io import atomic_write
+from clipvis.inference.outputs import VideoInstance, write_instances_csv, write_results_json
+from clipvis.mask_encoding import masks_to_rles, rles_to_masks
 from clipvis.visualization import OverlayVideoWriter, draw_overlay, track_colors, write_overlay_video
 
 # pycocotools' decoder trips numpy 2's `__array__(copy=...)` deprecation on every call

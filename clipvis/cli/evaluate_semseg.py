@@ -30,17 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from clipvis.data.datasets import get_dataset
     from clipvis.data.semseg import SemsegDataset
-    from clipvis.inference.semantic_segmenter import PAPER_SETTINGS, check_clip_vit
+    from clipvis.inference.semantic_segmenter import check_settings
 
     dataset = get_dataset(args.dataset)
     if not isinstance(dataset, SemsegDataset):
         raise ClipvisError(f"{args.dataset} is not a semantic segmentation dataset; use one of the names in --help")
     dataset.pairs()  # missing folders or labels fail now, not after the model is built
-    patch, _ = check_clip_vit(args.clip_model, args.clip_weights)
-    if args.size % patch:
-        raise ClipvisError(f"--size {args.size} must be a multiple of the model's {patch}-pixel patch")
-    if (args.eps is None or args.min_samples is None) and args.size not in PAPER_SETTINGS:
-        raise ClipvisError(f"no DBSCAN setting is known for --size {args.size}: give --eps and --min-samples")
+    check_settings(args.clip_model, args.clip_weights, args.size, args.eps, args.min_samples)
     out = Path(args.out or f"output/semseg/{args.dataset}_{args.size}")
     from clipvis.cli.infer import check_output_folder
     from clipvis.engine import distributed as comm

@@ -90,11 +90,11 @@ def _write_labels(labels, num_names: int, path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from clipvis.visualization import label_palette
+    from clipvis.visualization import track_colors
 
     if num_names <= 256:
         png = Image.fromarray(labels.astype(np.uint8), mode="P")
-        png.putpalette(label_palette(num_names).reshape(-1).tolist())
+        png.putpalette(track_colors(num_names).reshape(-1).tolist())
     else:
         png = Image.fromarray(labels.astype(np.uint16))
     png.save(path)
@@ -109,14 +109,9 @@ def run(args) -> int:
     classes = _read_classes(args)
     background = [c.strip() for c in args.background.split(";") if c.strip()] if args.background else None
     check_device(args.device)
-    from clipvis.inference.semantic_segmenter import PAPER_SETTINGS, check_clip_vit
+    from clipvis.inference.semantic_segmenter import check_settings
 
-    patch, _ = check_clip_vit(args.clip_model, args.clip_weights)
-    if args.size % patch:
-        raise ClipvisError(f"--size {args.size} must be a multiple of the model's {patch}-pixel patch")
-    if (args.eps is None or args.min_samples is None) and args.size not in PAPER_SETTINGS:
-        raise ClipvisError(f"no DBSCAN setting is known for --size {args.size}: give eps and min_samples (--eps, "
-                           "--min-samples; the paper's: 224 -> 0.7 / 3, 336 -> 1.1 / 7)")
+    check_settings(args.clip_model, args.clip_weights, args.size, args.eps, args.min_samples)
     out = Path(args.out)
     created = not out.exists()
     check_output_folder(out)
@@ -171,6 +166,7 @@ def _segment_images(segmenter, vocab, files: List[Path], stage: Path, quiet: boo
     from tqdm import tqdm
 
     from clipvis._io import read_rgb_image
+    from clipvis.inference.semantic_segmenter import class_fractions
     from clipvis.visualization import draw_semantic_overlay
 
     per_image, totals = {}, np.zeros(len(vocab.names), dtype=np.int64)
@@ -187,8 +183,8 @@ def _segment_images(segmenter, vocab, files: List[Path], stage: Path, quiet: boo
         Image.fromarray(draw_semantic_overlay(result.image, result.labels, vocab.names)).save(stage / f"{stem}_overlay.png")
         per_image[path.name] = {"labels": f"{stem}.png", "height": int(result.labels.shape[0]),
                                 "width": int(result.labels.shape[1]), "fractions": result.fractions()}
-        totals += np.bincount(result.labels.reshape(-1), minlength=len(vocab.names))
-    return {"count": len(files), "images": per_image, "overall": _fractions(totals, vocab.names)}
+        totals += result.counts()
+    return {"count": len(files), "images": per_image, "overall": class_fractions(totals, vocab.names)}
 
 
 def _segment_video(segmenter, vocab, path: Path, stage: Path, args) -> dict:
@@ -196,6 +192,7 @@ def _segment_video(segmenter, vocab, path: Path, stage: Path, args) -> dict:
     import numpy as np
 
     from clipvis.data.video import Mp4Writer, open_video
+    from clipvis.inference.semantic_segmenter import class_fractions
     from clipvis.inference.streaming import stream_video
     from clipvis.visualization import draw_semantic_overlay
 
@@ -218,7 +215,7 @@ def _segment_video(segmenter, vocab, path: Path, stage: Path, args) -> dict:
                 with timer("overlay"):
                     self.writer.write(draw_semantic_overlay(result.image, result.labels, vocab.names))
                 self.frames.append(result.fractions())
-                self.totals += np.bincount(result.labels.reshape(-1), minlength=len(vocab.names))
+                self.totals += result.counts()
 
         def finish(self, timer):
             self.writer.__exit__(None, None, None)
@@ -234,10 +231,4 @@ def _segment_video(segmenter, vocab, path: Path, stage: Path, args) -> dict:
         raise
     log.info("stages: %s", "  ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return {"count": len(frames), "frames": frames, "frame_indices": list(source.info.frame_indices),
-            "overall": _fractions(step.totals, vocab.names)}
-
-
-def _fractions(counts, names) -> dict:
-    total = max(int(counts.sum()), 1)
-    order = sorted(range(len(names)), key=lambda i: -int(counts[i]))
-    return {names[i]: round(int(counts[i]) / total, 6) for i in order if counts[i]}
+            "overall": class_fractions(step.totals, vocab.names)}

@@ -17,7 +17,8 @@ from typing import List, Optional, Tuple
 
 from clipvis.errors import ClipvisError
 
-MODES = ("with_background", "voc20", "plain")
+MODES = ("with_background", "voc20", "plain")  # the original CLIPtrase's code paths
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VOCABULARIES_FILE = Path(__file__).resolve().parent / "semseg_vocabularies.json"
 

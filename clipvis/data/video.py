@@ -38,10 +38,14 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_FOLDER_FPS = 6.0
 
 
-def progress_bar(total: int, desc: str, unit: str = "frame", enabled: bool = True) -> tqdm:
-    """A tqdm bar over `total` items, hidden when clipvis logs at WARNING or above (--quiet)."""
-    hidden = not enabled or logging.getLogger("clipvis").getEffectiveLevel() >= logging.WARNING
-    return tqdm(total=total, desc=desc, unit=unit, disable=hidden, leave=False, dynamic_ncols=True)
+def progress_enabled(enabled: bool = True) -> bool:
+    """Whether to show a progress bar: asked for, and clipvis logs below WARNING (not --quiet)."""
+    return enabled and logging.getLogger("clipvis").getEffectiveLevel() < logging.WARNING
+
+
+def progress_bar(total: Optional[int], desc: str, unit: str = "frame", enabled: bool = True) -> tqdm:
+    """A tqdm bar over `total` items, hidden unless `progress_enabled(enabled)`."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress_enabled(enabled), leave=False, dynamic_ncols=True)
 
 
 @dataclass
@@ -137,7 +141,6 @@ class _DecordVideo(VideoSource):
         if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
             raise VideoError(f"{self.info.path}: decoder returned frames of shape {frames.shape}; re-encode the video (e.g. to H.264 mp4)")
         return np.ascontiguousarray(frames, dtype=np.uint8)
-
 
     def _read_with_pyav(self, indices: Sequence[int]) -> np.ndarray:
         """`indices` decoded with PyAV, skipping corrupt packets; frames it cannot produce are recorded in

@@ -10,24 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Set
+from typing import Dict, Optional
 
+from clipvis._io import completed_keys, truncate_to_complete_lines
 from clipvis.data.datasets import category_vocabulary
 from clipvis.engine import distributed as comm
 from clipvis.errors import ClipvisError
 
 log = logging.getLogger(__name__)
-
-
-def _done_videos(part: Path) -> Set[int]:
-    done = set()
-    if part.exists():
-        for line in part.read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(int(json.loads(line)["video_id"]))
-            except (json.JSONDecodeError, KeyError, ValueError):
-                break  # a line cut short by an interruption: that video runs again
-    return done
 
 
 def infer_dataset(predictor, dataset, out_dir: Path, progress: bool = True) -> Optional[Path]:
@@ -45,11 +35,11 @@ def infer_dataset(predictor, dataset, out_dir: Path, progress: bool = True) -> O
     rank, world = comm.rank(), comm.world_size()
     videos = dataset.videos[rank::world]
     part = out_dir / f"results.part{rank}.jsonl"
-    done = _done_videos(part)
+    done = {int(v) for v in completed_keys(part, "video_id")}
     todo = [v for v in videos if int(v["id"]) not in done]
     if done:
         log.info("resuming: %d of %d videos of this shard already in %s", len(videos) - len(todo), len(videos), part)
-    _truncate_to_complete_lines(part)
+    truncate_to_complete_lines(part)
     with part.open("a", encoding="utf-8") as sink:
         for video in tqdm(todo, desc=f"videos (rank {rank})", unit="video", disable=not progress):
             files = [Path(dataset.frames_root) / f for f in video["file_names"]]
@@ -69,17 +59,9 @@ def infer_dataset(predictor, dataset, out_dir: Path, progress: bool = True) -> O
     return merge_parts(dataset, out_dir, world)
 
 
-def _truncate_to_complete_lines(part: Path) -> None:
-    """Drop a last line that an interruption cut short, so appending starts on a fresh line."""
-    if part.exists():
-        data = part.read_bytes()
-        if data and not data.endswith(b"\n"):
-            part.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
 def merge_parts(dataset, out_dir: Path, world: int) -> Path:
     """Rank 0: gather every shard's per-video results in dataset order into `out_dir/results.json`."""
-    from clipvis.inference.outputs import atomic_write
+    from clipvis._io import atomic_write
 
     per_video: Dict[int, list] = {}
     for r in range(world):

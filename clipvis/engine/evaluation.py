@@ -21,7 +21,7 @@ def evaluate_datasets(cfg, device: str = "cpu", model: Optional[torch.nn.Module]
     from clipvis.data.datasets import get_dataset
     from clipvis.engine.dataset_inference import infer_dataset
     from clipvis.evaluation import evaluate_video_ap, format_metrics_table
-    from clipvis.inference.outputs import atomic_write
+    from clipvis._io import atomic_write
     from clipvis.inference.predictor import VideoPredictor
 
     datasets = {name: get_dataset(name) for name in cfg.DATASETS.TEST}  # a wrong name fails before the model is built

@@ -9,27 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Set
+from typing import Dict, Optional
 
 import numpy as np
 from PIL import Image
 
+from clipvis._io import completed_keys, truncate_to_complete_lines
 from clipvis.engine import distributed as comm
-from clipvis.engine.dataset_inference import _truncate_to_complete_lines
 from clipvis.errors import ClipvisError
 
 log = logging.getLogger(__name__)
-
-
-def _done_images(part: Path) -> Set[str]:
-    done = set()
-    if part.exists():
-        for line in part.read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(json.loads(line)["image"])
-            except (json.JSONDecodeError, KeyError):
-                break  # a line cut short by an interruption: that image runs again
-    return done
 
 
 def evaluate_semseg_dataset(segmenter, dataset, out_dir: Path, progress: bool = True) -> Optional[dict]:
@@ -50,12 +39,12 @@ def evaluate_semseg_dataset(segmenter, dataset, out_dir: Path, progress: bool = 
     n = dataset.num_classes
     rank, world = comm.rank(), comm.world_size()
     part = out_dir / f"hist.part{rank}.jsonl"
-    done = _done_images(part)
+    done = completed_keys(part, "image")
     mine = pairs[rank::world]
     todo = [(i, g) for i, g in mine if i.name not in done]
     if done:
         log.info("resuming: %d of %d images of this shard already in %s", len(mine) - len(todo), len(mine), part)
-    _truncate_to_complete_lines(part)
+    truncate_to_complete_lines(part)
     size = segmenter.size
     with part.open("a", encoding="utf-8") as sink:
         for image_path, gt_path in tqdm(todo, desc=f"{dataset.name} (rank {rank})", unit="image", disable=not progress):
@@ -79,10 +68,10 @@ def evaluate_semseg_dataset(segmenter, dataset, out_dir: Path, progress: bool = 
     comm.barrier()
     if not comm.is_main_process():
         return None
-    return _merge(dataset, out_dir, world, n)
+    return _merge(dataset, [i.name for i, _ in pairs], out_dir, world, n)
 
 
-def _merge(dataset, out_dir: Path, world: int, n: int) -> dict:
+def _merge(dataset, image_names, out_dir: Path, world: int, n: int) -> dict:
     from clipvis._io import write_json_atomic
     from clipvis.evaluation.semseg import iou_per_class, semseg_scores
 
@@ -100,7 +89,7 @@ def _merge(dataset, out_dir: Path, world: int, n: int) -> dict:
                 seen[record["image"]] = bool(record.get("skipped"))
                 if not record.get("skipped"):
                     np.add.at(flat, np.asarray(record["index"], dtype=np.int64), np.asarray(record["count"], dtype=np.int64))
-    missing = [i.name for i, _ in dataset.pairs() if i.name not in seen]
+    missing = [name for name in image_names if name not in seen]
     if missing:
         raise ClipvisError(f"{len(missing)} image(s) have no result (e.g. {missing[:3]}); run again to resume")
     hist = flat.reshape(n, n)

@@ -14,25 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipvis.data.semseg import MODES  # the original's code paths; each dataset's is registered with it
 from clipvis.errors import ClipvisError
-
-#: Dataset names whose runs append background texts and map them (and GT 255) to class C.
-BACKGROUND_DATASETS = ("VOC21", "PC60", "COCO80_val")
-MODES = ("with_background", "voc20", "plain")
 
 
 class CLIPtraseModeError(ClipvisError):
     """An unknown CLIPtrase mode, or background texts given where the mode has none."""
 
 
-def mode_for_dataset(dataset: str) -> str:
-    """The original's code path for a dataset name: 'with_background', 'voc20' or 'plain'."""
-    if dataset in BACKGROUND_DATASETS:
-        return "with_background"
-    return "voc20" if dataset == "VOC20" else "plain"
-
-
 def check_mode(mode: str) -> str:
+    """`mode` if it is one of MODES, else CLIPtraseModeError."""
     if mode not in MODES:
         raise CLIPtraseModeError(f"unknown CLIPtrase mode {mode!r}; use one of {', '.join(MODES)}")
     return mode

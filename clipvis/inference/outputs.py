@@ -20,8 +20,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from pycocotools import mask as mask_util
 
-from clipvis._io import atomic_write  # noqa: F401  (re-exported: writers of results use it from here)
-from clipvis.mask_encoding import Rle, decode_rle, masks_to_rles, rles_to_masks  # noqa: F401  (re-exported)
+from clipvis._io import atomic_write
+from clipvis.mask_encoding import Rle, decode_rle
 
 log = logging.getLogger(__name__)
 

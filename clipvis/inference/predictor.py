@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from clipvis.errors import ClipvisError
+from clipvis.data.video import progress_enabled
 from clipvis.inference.instance_selection import (
     ClassScoreAccumulator,
     frame_keep,
@@ -309,7 +310,7 @@ class VideoPredictor:
             start = time.perf_counter()
             log.info("encoding %d classes (%d prompts)", len(classes), sum(map(len, classes)) * len(PROMPT_TEMPLATES))
             with torch.inference_mode():
-                vocab = encode_vocabulary(backbone, vocabulary, self.text_cache_dir, progress=self._show_progress())
+                vocab = encode_vocabulary(backbone, vocabulary, self.text_cache_dir, progress=progress_enabled(self.progress))
             vocab.classifier = vocab.classifier.to(self.model.device)
             self._vocabularies[key] = vocab
             self._text_encoding_s += time.perf_counter() - start
@@ -348,9 +349,6 @@ class VideoPredictor:
                                            progress=self.progress)
         result.timings = ({"text encoding": text_encoding_s} if text_encoding_s else {}) | timings
         return result
-
-    def _show_progress(self) -> bool:
-        return self.progress and logging.getLogger("clipvis").getEffectiveLevel() <= logging.INFO
 
     def _run_model(self, image: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """One normalized padded frame `[1,3,H,W]` -> (final decoder outputs, clip_vis_dense `[1,C,h32,w32]`),

@@ -71,12 +71,20 @@ class SemanticSegmentation:
     image: np.ndarray
     clusters: List[int] = field(default_factory=list)
 
+    def counts(self) -> np.ndarray:
+        """Pixels per class, int64 `[len(class_names)]`."""
+        return np.bincount(self.labels.reshape(-1), minlength=len(self.class_names))
+
     def fractions(self) -> Dict[str, float]:
         """{class name: fraction of the image's pixels}, for the classes present, largest first."""
-        counts = np.bincount(self.labels.reshape(-1), minlength=len(self.class_names))
-        total = max(int(counts.sum()), 1)
-        order = np.argsort(-counts, kind="stable")
-        return {self.class_names[i]: round(float(counts[i]) / total, 6) for i in order if counts[i]}
+        return class_fractions(self.counts(), self.class_names)
+
+
+def class_fractions(counts: np.ndarray, names: Sequence[str]) -> Dict[str, float]:
+    """Pixel counts per class `[K]` -> {name: fraction of all pixels} for the classes present, largest first."""
+    total = max(int(counts.sum()), 1)
+    order = np.argsort(-counts, kind="stable")
+    return {names[i]: round(float(counts[i]) / total, 6) for i in order if counts[i]}
 
 
 def window_starts(length: int, size: int) -> List[int]:
@@ -102,22 +110,10 @@ class SemanticSegmenter:
             raise ClipvisError(f"unknown precision {precision!r}: use fp32 (the original's numbers) or bf16")
         if protocol not in PROTOCOLS:
             raise ClipvisError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
-        patch = model.patch_size
-        if size < patch or size % patch:
-            raise ClipvisError(f"size {size} must be a positive multiple of the model's {patch}-pixel patch")
-        if eps is None or min_samples is None:
-            if size not in PAPER_SETTINGS:
-                raise ClipvisError(
-                    f"no DBSCAN setting is known for size {size}: give eps and min_samples (the paper's: "
-                    + ", ".join(f"{s} -> eps {e}, min_samples {m}" for s, (e, m) in PAPER_SETTINGS.items()) + ")")
-            default_eps, default_min = PAPER_SETTINGS[size]
-            eps = default_eps if eps is None else eps
-            min_samples = default_min if min_samples is None else min_samples
-        if not (eps > 0 and math.isfinite(eps)) or int(min_samples) < 1:
-            raise ClipvisError(f"DBSCAN needs eps > 0 and min_samples >= 1, got eps {eps}, min_samples {min_samples}")
+        eps, min_samples = dbscan_settings(size, model.patch_size, eps, min_samples)
         self.model = model.eval()
         self.size, self.protocol = int(size), protocol
-        self.eps, self.min_samples = float(eps), int(min_samples)
+        self.eps, self.min_samples = eps, min_samples
         self.precision = precision
 
     @classmethod
@@ -166,17 +162,19 @@ class SemanticSegmenter:
             from clipvis.inference.cliptrase_preprocess import preprocess_image
 
             return preprocess_image(Image.fromarray(image), self.size)[None]
-        resized, tall, starts = self._whole_layout(image)
+        h, w = image.shape[:2]
+        rh, rw, tall, starts = self._whole_geometry(h, w)
+        resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC)) if (rh, rw) != (h, w) else image
         return np.stack([resized[s:s + self.size] if tall else resized[:, s:s + self.size] for s in starts])
 
-    def _whole_layout(self, image: np.ndarray):
+    def _whole_geometry(self, height: int, width: int) -> Tuple[int, int, bool, List[int]]:
+        """The whole protocol's layout: (resized height, resized width, whether the long side is the height,
+        window starts along the long side)."""
         from clipvis.inference.cliptrase_preprocess import resized_size
 
-        h, w = image.shape[:2]
-        rh, rw = resized_size(h, w, self.size)
-        resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC)) if (rh, rw) != (h, w) else image
+        rh, rw = resized_size(height, width, self.size)
         tall = rh > rw
-        return resized, tall, window_starts(rh if tall else rw, self.size)
+        return rh, rw, tall, window_starts(rh if tall else rw, self.size)
 
     @torch.no_grad()
     def segment(self, image: np.ndarray, vocabulary: SemanticVocabulary) -> SemanticSegmentation:
@@ -187,8 +185,8 @@ class SemanticSegmenter:
         if self.protocol == "paper":
             return SemanticSegmentation(window_labels[0], vocabulary.names, windows[0], clusters)
         h, w = image.shape[:2]
-        resized, tall, starts = self._whole_layout(image)
-        long_side = resized.shape[0] if tall else resized.shape[1]
+        rh, rw, tall, starts = self._whole_geometry(h, w)
+        long_side = rh if tall else rw
         # every position along the long side takes the window whose centre is nearest
         centres = np.asarray(starts) + self.size / 2
         owner = np.abs(np.arange(long_side)[:, None] + 0.5 - centres[None]).argmin(axis=1)
@@ -228,6 +226,32 @@ class SemanticSegmenter:
             out.append(seg.pred_final.numpy())
             clusters.append(int(seg.n_clusters))
         return np.stack(out).astype(np.int64), clusters
+
+
+def dbscan_settings(size: int, patch: int, eps: Optional[float], min_samples: Optional[int]) -> Tuple[float, int]:
+    """Check S against the patch size and fill in DBSCAN's (eps, min_samples): the paper's for S = 224 or 336 where
+    not given; ClipvisError for another S without both, or values out of range."""
+    if size < patch or size % patch:
+        raise ClipvisError(f"size {size} must be a positive multiple of the model's {patch}-pixel patch")
+    if eps is None or min_samples is None:
+        if size not in PAPER_SETTINGS:
+            raise ClipvisError(
+                f"no DBSCAN setting is known for size {size}: give eps and min_samples (the paper's: "
+                + ", ".join(f"{s} -> eps {e}, min_samples {m}" for s, (e, m) in PAPER_SETTINGS.items()) + ")")
+        default_eps, default_min = PAPER_SETTINGS[size]
+        eps = default_eps if eps is None else eps
+        min_samples = default_min if min_samples is None else min_samples
+    if not (eps > 0 and math.isfinite(eps)) or int(min_samples) < 1:
+        raise ClipvisError(f"DBSCAN needs eps > 0 and min_samples >= 1, got eps {eps}, min_samples {min_samples}")
+    return float(eps), int(min_samples)
+
+
+def check_settings(model_name: str, weights: Optional[str], size: int, eps: Optional[float],
+                   min_samples: Optional[int]) -> None:
+    """Everything `from_open_clip` would refuse that can be checked before building: the model and weights
+    (`check_clip_vit`), S and DBSCAN's settings (`dbscan_settings`)."""
+    patch, _ = check_clip_vit(model_name, weights)
+    dbscan_settings(size, patch, eps, min_samples)
 
 
 def _check_image(image, patch: int) -> np.ndarray:

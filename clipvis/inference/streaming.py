@@ -8,7 +8,6 @@ the step for its result. The step is the model-specific part (`VideoStep`): CLIP
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections import defaultdict
 from typing import Dict, Iterable, Iterator, List, Optional, Protocol, Tuple, TypeVar, Union
@@ -16,6 +15,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Protocol, Tuple, Ty
 import numpy as np
 import torch
 
+from clipvis.data.video import progress_bar
 from clipvis.errors import VideoError
 from clipvis.memory import release_freed_memory
 
@@ -71,10 +71,9 @@ def stream_video(
     VideoError for frames of the wrong type or layout, frames that change size, or a video without frames."""
     timer = StageTimer()
     frame_size = None
-    bar = _progress(num_frames, enabled=progress)
+    bar = progress_bar(num_frames, "inference", enabled=progress)
     try:
-        for window in rewindow(windows, window_size):
-            window = as_uint8_frames(window)
+        for window in rewindow(windows, window_size):  # checked uint8 [w,H,W,3] tensors
             if frame_size is None:
                 frame_size = tuple(window.shape[1:3])
                 step.start(frame_size)
@@ -127,10 +126,3 @@ def rewindow(windows: Iterable[Frames], size: int) -> Iterator[torch.Tensor]:
             pending, count = ([rest] if len(rest) else []), len(rest)
     if count:
         yield torch.cat(pending) if len(pending) > 1 else pending[0]
-
-
-def _progress(total: Optional[int], enabled: bool):
-    from tqdm import tqdm
-
-    disabled = not enabled or logging.getLogger("clipvis").getEffectiveLevel() > logging.INFO
-    return tqdm(total=total, unit="frame", desc="inference", disable=disabled, leave=False)

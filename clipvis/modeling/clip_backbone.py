@@ -229,13 +229,9 @@ class ClipBackbone(nn.Module):
         with tqdm(total=len(texts), unit="prompt", desc="text encoding", disable=not progress, leave=False) as bar:
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]
-                features[rows] = self._encode_tokens(tokens[rows]).to(features.dtype)
+                features[rows] = encode_text_tokens(self.clip_model, tokens[rows]).to(features.dtype)
                 bar.update(len(rows))
         return features
-
-    def _encode_tokens(self, tokens: Tensor) -> Tensor:
-        """tokens [N, context] -> [N, D] features at each prompt's end-of-text token (`encode_text_tokens`)."""
-        return encode_text_tokens(self.clip_model, tokens)
 
     @torch.no_grad()
     def pooled_embeddings(self, dense: Tensor, masks: Tensor) -> Tensor:

@@ -241,11 +241,25 @@ def test_attention_mask_hides_pixels_below_half_and_unmasks_empty_queries():
     torch.manual_seed(5)
     logits = torch.randn(2, 3, 8, 12)
     logits[0, 1] = -5.0  # covers nothing: must see everything
-    mask = attention_mask_from_masks(logits, (4, 6), num_heads=2)
-    assert mask.shape == (4, 3, 24) and mask.dtype == torch.bool
+    mask = attention_mask_from_masks(logits, (4, 6))
+    assert mask.shape == (2, 3, 24) and mask.dtype == torch.bool
     resized = F.interpolate(logits, size=(4, 6), mode="bilinear", align_corners=False).flatten(2)
     expected = resized.sigmoid() < 0.5
     expected[0, 1] = False
-    for b in range(2):
-        for head in range(2):
-            assert torch.equal(mask[b * 2 + head], expected[b])
+    assert torch.equal(mask, expected)
+
+
+def test_masked_cross_attention_equals_torch_multihead_attention_with_the_mask_per_head():
+    """The cross-attention layer computes nn.MultiheadAttention's result with the mask broadcast over heads."""
+    from clipvis.modeling.transformer_decoder import MaskedCrossAttentionLayer
+
+    torch.manual_seed(6)
+    layer = MaskedCrossAttentionLayer(16, 4).double().eval()
+    queries, query_pos = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    pixels, pixel_pos = torch.randn(2, 7, 16, dtype=torch.float64), torch.randn(2, 7, 16, dtype=torch.float64)
+    hidden = torch.rand(2, 5, 7) < 0.5
+    hidden[:, :, 0] = False
+    out = layer(queries, pixels, hidden, pixel_pos, query_pos)
+    attended = layer.multihead_attn(queries + query_pos, pixels + pixel_pos, pixels,
+                                    attn_mask=hidden.repeat_interleave(4, dim=0), need_weights=False)[0]
+    assert_close(out, layer.norm(queries + attended), rel=1e-12, name="masked cross-attention")

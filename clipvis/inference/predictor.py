@@ -31,7 +31,7 @@ from clipvis.inference.instance_selection import (
     per_frame_mask_stats,
     top_query_class_pairs,
 )
-from clipvis.inference.precision import precision_context, store_autocast_layers_in_bf16
+from clipvis.inference.precision import fuse_linear_activations, precision_context, store_autocast_layers_in_bf16
 from clipvis.mask_encoding import decode_rle, encode_rles, logits_to_output_masks
 from clipvis.inference.streaming import Frames, StageTimer, as_uint8_frames, stream_video
 from clipvis.memory import page_out, release_freed_memory
@@ -46,6 +46,9 @@ from clipvis.modeling.text_classifier import (
 from clipvis.modeling.tracker import TemporalTopKTracker
 
 log = logging.getLogger(__name__)
+
+# Frames the backbone takes per forward (the decoder always takes one).
+FRAMES_PER_BACKBONE_FORWARD = {"fp32": 1, "bf16": 2}
 
 # Queries whose masks are upsampled to output resolution at once (bounds peak memory at high resolution).
 UPSAMPLE_CHUNK = 16
@@ -196,9 +199,13 @@ class ClipVisVideoStep:
             images, image_size = model.preprocess(resized.permute(0, 3, 1, 2))
         padded_size = tuple(images.shape[-2:])
         permutations = []
+        frames_per_forward = FRAMES_PER_BACKBONE_FORWARD[predictor.precision]
+        decoded: List[Tuple[Dict[str, torch.Tensor], torch.Tensor]] = []
         for t in range(len(images)):
-            with timer("backbone + decoder"):
-                outputs, dense = predictor._run_model(images[t : t + 1])
+            if not decoded:
+                with timer("backbone + decoder"):
+                    decoded = predictor._run_model(images[t : t + frames_per_forward])
+            outputs, dense = decoded.pop(0)
             with timer("tracker"):
                 index = self.tracker.step(outputs["pred_embds"][0]).to(images.device)  # [Q]
                 obj = outputs["pred_object_logits"][0, index]  # [Q,2]
@@ -293,8 +300,9 @@ class VideoPredictor:
         predictor = cls.from_model(model, cfg, **kwargs)
         if predictor.precision == "bf16":  # this model is only for inference: cast its bf16 layers once
             converted = store_autocast_layers_in_bf16(model, predictor._blank_frame_pass, model.device.type)
+            fused = fuse_linear_activations(model)
             release_freed_memory()
-            log.info("bf16: %d layers stored in bfloat16", converted)
+            log.info("bf16: %d layers stored in bfloat16, %d linear + activation pairs fused", converted, fused)
         return predictor
 
     # ---------------------------------------------------------------- vocabulary
@@ -350,21 +358,26 @@ class VideoPredictor:
         result.timings = ({"text encoding": text_encoding_s} if text_encoding_s else {}) | timings
         return result
 
-    def _run_model(self, image: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """One normalized padded frame `[1,3,H,W]` -> (final decoder outputs, clip_vis_dense `[1,C,h32,w32]`),
-        float32, at the predictor's precision; the decoder's earlier-layer predictions are not computed into
-        the outputs."""
+    def _run_model(self, images: torch.Tensor) -> List[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
+        """Normalized padded frames `[b,3,H,W]` -> per frame (final decoder outputs, clip_vis_dense
+        `[1,C,h32,w32]`), float32, at the predictor's precision. The backbone takes the b frames as one batch,
+        the decoder one frame at a time; its earlier-layer predictions are not computed into the outputs."""
         model = self.model
         keys = ("pred_object_logits", "pred_masks", "pred_ious", "pred_embds")
-        with model.sem_seg_head.predictor.final_predictions_only(), precision_context(self.precision, image.device):
-            outputs, dense = model(image)
-        return {k: outputs[k].float() for k in keys}, dense.float()
+        decoded = []
+        with model.sem_seg_head.predictor.final_predictions_only(), precision_context(self.precision, images.device):
+            features = model.backbone(images)
+            for i in range(len(images)):
+                frame = {name: feature[i : i + 1] for name, feature in features.items()}
+                outputs = model.sem_seg_head(frame)
+                decoded.append(({k: outputs[k].float() for k in keys}, frame["clip_vis_dense"].float()))
+        return decoded
 
     def _blank_frame_pass(self) -> None:
         """Run every model layer that `predict` uses, on one small blank frame (to find which run under autocast)."""
         with torch.inference_mode():
             image = torch.zeros(1, 3, 64, 64, device=self.model.device)
-            outputs, dense = self._run_model(image)
+            (outputs, dense), = self._run_model(image)
             classifier = torch.zeros(1, self.model.backbone.embed_dim, device=image.device)
             mask_class_logits(self.model.backbone, dense, outputs["pred_masks"], classifier, [1])
 

@@ -67,7 +67,9 @@ def multi_scale_deformable_attention(
     else:
         starts = [int(s) for s in level_start_index.tolist()]
 
-    return _sample_and_mix(value, sizes, starts, sampling_locations, attention_weights)
+    # float32 (or float64) throughout, also under autocast: the row indices are computed with a matrix product
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        return _sample_and_mix(value, sizes, starts, sampling_locations, attention_weights)
 
 
 def _softmax_last(x: Tensor) -> Tensor:
@@ -118,32 +120,37 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, sampling_locations
     corner = pixel.floor()
     fraction = (pixel - corner).view(count, num_samples, 2)
 
-    # table row of each point's top-left neighbour (at padded position (y0 + 1, x0 + 1)), in floats: exact
-    # below 2**24 (float32) / 2**53 (float64) rows
-    strides = _per_point([[heads, (w + 2) * heads] for _, w in sizes], num_points, dtype, device)
-    rows = (corner * strides).view(count, num_samples, 2).sum(-1)
-    level_base = torch.tensor([(s + w + 3) * heads for s, (_, w) in zip(padded_starts, sizes)], dtype=dtype, device=device)
-    level_base = level_base.view(-1, 1).expand(-1, num_points).reshape(num_samples)
-    frame = torch.arange(batch, dtype=dtype, device=device).view(batch, 1, 1, 1) * (padded_total * heads)
-    head = torch.arange(heads, dtype=dtype, device=device).view(1, 1, heads, 1)
-    rows = rows.view(batch, num_queries, heads, num_samples) + (frame + head + level_base)
-    neighbours = torch.tensor([[0, 1, w + 2, w + 3] for _, w in sizes], dtype=dtype, device=device)
-    neighbours = (neighbours * heads).view(-1, 1, 4).expand(-1, num_points, 4).reshape(num_samples, 4)
+    # table row of each point's four neighbours, as one small matrix product of the integer corner coordinates
+    # [count, samples*2] with the levels' (x, y) row strides, the neighbours' offsets and each level's start in
+    # the bias: bag column k*samples + s is neighbour k (top-left, top-right, bottom-left, bottom-right) of sample
+    # s, each at padded position (y0 + 1 + dy, x0 + 1 + dx). Exact in floats below 2**24 (float32) / 2**53
+    # (float64) rows; then the frame and head of each row.
     exact_limit = 2 ** 24 if dtype == torch.float32 else 2 ** 53
-    if table.shape[0] >= exact_limit:
-        raise ClipvisError(f"deformable attention over {table.shape[0]} value rows is too large for exact float32 indexing; use a smaller input size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)")
-    index_dtype = torch.int32 if table.shape[0] < 2 ** 31 else torch.int64
-    rows = (rows.view(count, num_samples, 1) + neighbours).to(index_dtype).clamp_(0, table.shape[0] - 1)
+    if batch * padded_total * heads >= exact_limit:
+        raise ClipvisError(f"deformable attention over {batch * padded_total * heads} value rows is too large for exact float32 indexing; use a smaller input size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)")
+    strides = torch.zeros(num_samples * 2, 4, num_samples, dtype=dtype)
+    offsets = torch.zeros(4, num_samples, dtype=dtype)
+    for level, ((_, w), level_start) in enumerate(zip(sizes, padded_starts)):
+        for point in range(num_points):
+            sample = level * num_points + point
+            strides[2 * sample, :, sample] = heads
+            strides[2 * sample + 1, :, sample] = (w + 2) * heads
+            for k, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                offsets[k, sample] = (level_start + (1 + dy) * (w + 2) + 1 + dx) * heads
+    rows = torch.addmm(offsets.view(-1).to(device), corner, strides.view(num_samples * 2, -1).to(device))
+    frame = torch.arange(batch, dtype=dtype, device=device).view(batch, 1, 1) * (padded_total * heads)
+    head = torch.arange(heads, dtype=dtype, device=device).view(1, 1, heads)
+    rows = rows.view(batch, num_queries, heads, -1) + (frame + head).unsqueeze(-1)
+    index_dtype = torch.int32 if batch * padded_total * heads < 2 ** 31 else torch.int64
+    rows = rows.view(count, -1).to(index_dtype).clamp_(0, batch * padded_total * heads - 1)
 
-    # bilinear weight of each neighbour (order: top-left, top-right, bottom-left, bottom-right, as `neighbours`)
-    # times the attention weight, written with [count, samples] products: broadcasting over the tiny trailing
-    # dims would run unvectorised and cost 5x more
+    # bilinear weight of each neighbour (in the bag's order) times the attention weight, written with
+    # [count, samples] products: broadcasting over the tiny trailing dims would run unvectorised and cost 5x more
     fx, fy = fraction.unbind(-1)
     attention = attention_weights.to(dtype).reshape(count, num_samples)
     left, top, bottom = 1 - fx, (1 - fy) * attention, fy * attention
-    weights = torch.stack([left * top, fx * top, left * bottom, fx * bottom], dim=-1)
-    bag = num_samples * 4
-    output = F.embedding_bag(rows.view(count, bag), table, mode="sum", per_sample_weights=weights.view(count, bag))
+    weights = torch.cat([left * top, fx * top, left * bottom, fx * bottom], dim=1)
+    output = F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
     return output.view(batch, num_queries, heads * head_dim).to(value.dtype)
 
 

@@ -98,6 +98,7 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = nn.ReLU()
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -108,7 +109,7 @@ class DeformableEncoderLayer(nn.Module):
         """src, pos: `[B, S, C]`; reference_points: `[B, S, L, 2]`. Returns `[B, S, C]`."""
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         src = self.norm1(src + self.dropout1(attended))
-        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        hidden = self.linear2(self.dropout2(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout3(hidden))
 
 
@@ -271,7 +272,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # top-down: add each finer backbone map to the upsampled coarser output
         for index in reversed(range(self.num_fpn_levels)):
             lateral = getattr(self, f"adapter_{index + 1}")(features[self.in_features[index]].float())
-            merged = lateral + F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            # upsampled from a contiguous map: the encoder's outputs are channel-last views, which CPU bilinear
+            # upsampling of 256 channels reads 3-4x slower than it copies them first
+            coarser = outputs[-1].contiguous()
+            merged = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             outputs.append(getattr(self, f"layer_{index + 1}")(merged))
 
         return self.mask_features(outputs[-1]), outputs[:self.num_output_levels]

@@ -62,10 +62,29 @@ class MaskedCrossAttentionLayer(nn.Module):
     def forward(self, queries: Tensor, pixels: Tensor, attn_mask: Optional[Tensor], pixel_pos: Tensor,
                 query_pos: Tensor) -> Tensor:
         """Masked cross-attention from the queries `[B, Q, C]` (query_pos alike) to one level's pixels `[B, S, C]`
-        (pixel_pos alike) -> `[B, Q, C]`. attn_mask: `[B*heads, Q, S]` bool, True where a query may not look (or None)."""
+        (pixel_pos alike) -> `[B, Q, C]`. attn_mask: `[B, Q, S]` bool, True where a query may not look, the same
+        for every head (or None).
+
+        `multihead_attn`'s projections, computed here around one `scaled_dot_product_attention` with the boolean
+        mask broadcast over the heads: `nn.MultiheadAttention` wants the mask repeated per head and turns it into
+        an additive float mask of that size first, which costs more than the attention itself (same result)."""
         source = self.norm(queries) if self.pre_norm else queries
-        attended = self.multihead_attn(query=source + query_pos, key=pixels + pixel_pos, value=pixels,
-                                       attn_mask=attn_mask, need_weights=False)[0]
+        attention = self.multihead_attn
+        batch, num_queries, channels = source.shape
+        heads = attention.num_heads
+        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+
+        def split_heads(x: Tensor) -> Tensor:  # [B, L, C] -> [B, heads, L, C/heads]
+            return x.view(batch, -1, heads, channels // heads).transpose(1, 2)
+
+        q = split_heads(F.linear(source + query_pos, w_q, b_q))
+        k = split_heads(F.linear(pixels + pixel_pos, w_k, b_k))
+        v = split_heads(F.linear(pixels, w_v, b_v))
+        visible = None if attn_mask is None else ~attn_mask[:, None]
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                               dropout_p=attention.dropout if self.training else 0.0)
+        attended = attention.out_proj(mixed.transpose(1, 2).reshape(batch, num_queries, channels))
         queries = queries + self.dropout(attended)
         return queries if self.pre_norm else self.norm(queries)
 
@@ -128,8 +147,8 @@ def hidden_positions(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
     return resized.sigmoid().flatten(2) < 0.5
 
 
-def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int], num_heads: int) -> Tensor:
-    """The cross-attention mask for the next layer from the current mask predictions.
+def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """The cross-attention mask for the next layer from the current mask predictions (the same for every head).
 
     `hidden_positions` decides which pixels each query may not look at; a query that would see no
     pixel at all sees every pixel instead.
@@ -137,14 +156,12 @@ def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int], num_he
     Args:
         mask_logits: `[B, Q, H, W]`.
         size: (h, w) of the level the next layer attends to.
-        num_heads: attention heads (the mask is repeated per head).
 
     Returns:
-        `[B*num_heads, Q, h*w]` bool, True = hidden (batch-major, then heads).
+        `[B, Q, h*w]` bool, True = hidden.
     """
     hidden = hidden_positions(mask_logits, size)  # [B, Q, h*w]
-    hidden = hidden & ~hidden.all(-1, keepdim=True)
-    return hidden.detach().repeat_interleave(num_heads, dim=0)
+    return (hidden & ~hidden.all(-1, keepdim=True)).detach()
 
 
 class MultiScaleMaskedTransformerDecoder(nn.Module):
@@ -219,20 +236,24 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         finally:
             self._keep_aux_outputs = previous
 
-    def prediction_heads(self, queries: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def prediction_heads(self, queries: Tensor, mask_features: Tensor, scores: bool = True
+                         ) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
         """The shared heads on the current queries `[B, Q, C]` and mask features `[B, mask_dim, H, W]`.
 
         Returns (normed queries `[B, Q, C]`, object logits `[B, Q, 2]`, mask logits `[B, Q, H, W]`,
-        IoU scores `[B, Q, 1]` (sigmoid, in (0, 1)))."""
+        IoU scores `[B, Q, 1]` (sigmoid, in (0, 1))); with `scores=False` only the normed queries and the mask
+        logits (which the next layer's attention mask needs), None in place of the others."""
         normed = self.decoder_norm(queries)
-        object_logits = self.object_embed(normed)
         batch, channels, height, width = mask_features.shape
-        # one batched matmul against the pixels laid out [B, C, H*W] (made contiguous once per forward, not
-        # per layer as an einsum over a channels-last map would)
-        pixels = mask_features.reshape(batch, channels, height * width)
-        mask_logits = torch.bmm(self.mask_embed(normed), pixels).view(batch, -1, height, width)
-        ious = self.iou_head(normed).sigmoid()
-        return normed, object_logits, mask_logits, ious
+        # one batched matmul [B, H*W, C] x [B, C, Q], read in place from the pixel decoder's channel-last maps
+        # (a bfloat16 bmm with the pixels as the transposed operand runs 10x slower, and copying the map to
+        # channels-first costs more than all the products); the logits come out as a [B, Q, H, W] view
+        pixels = mask_features.flatten(2).transpose(1, 2)
+        mask_logits = torch.matmul(pixels, self.mask_embed(normed).transpose(1, 2)).transpose(1, 2)
+        mask_logits = mask_logits.view(batch, -1, height, width)
+        if not scores:
+            return normed, None, mask_logits, None
+        return normed, self.object_embed(normed), mask_logits, self.iou_head(normed).sigmoid()
 
     def forward(self, multi_scale_features: list[Tensor], mask_features: Tensor) -> dict:
         """Decode the queries.
@@ -253,7 +274,6 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 f"the transformer decoder needs {self.num_feature_levels} feature maps, got {len(multi_scale_features)}"
             )
         batch = mask_features.shape[0]
-        mask_features = mask_features.contiguous()
         sizes, pixels, pixel_pos = [], [], []
         for level, feature in enumerate(multi_scale_features):
             sizes.append((int(feature.shape[-2]), int(feature.shape[-1])))
@@ -264,16 +284,20 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
 
-        normed, object_logits, mask_logits, ious = self.prediction_heads(queries, mask_features)
+        normed, object_logits, mask_logits, ious = self.prediction_heads(
+            queries, mask_features, scores=self._keep_aux_outputs or self.num_layers == 0)
         predictions = [(object_logits, mask_logits, ious)]
         for index in range(self.num_layers):
             level = index % self.num_feature_levels
-            attn_mask = attention_mask_from_masks(mask_logits, sizes[level], self.num_heads)
+            attn_mask = attention_mask_from_masks(mask_logits, sizes[level])
             queries = self.transformer_cross_attention_layers[index](
                 queries, pixels[level], attn_mask, pixel_pos[level], query_pos)
             queries = self.transformer_self_attention_layers[index](queries, query_pos)
             queries = self.transformer_ffn_layers[index](queries)
-            normed, object_logits, mask_logits, ious = self.prediction_heads(queries, mask_features)
+            # within `final_predictions_only()` an earlier layer's object and IoU scores are never used
+            last = index == self.num_layers - 1
+            normed, object_logits, mask_logits, ious = self.prediction_heads(
+                queries, mask_features, scores=self._keep_aux_outputs or last)
             if self._keep_aux_outputs:
                 predictions.append((object_logits, mask_logits, ious))
             else:
@@ -281,7 +305,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         return {
             "pred_object_logits": object_logits,
-            "pred_masks": mask_logits,
+            "pred_masks": mask_logits.contiguous(),
             "pred_ious": ious,
             "pred_embds": normed,
             "aux_outputs": [

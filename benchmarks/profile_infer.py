@@ -69,9 +69,11 @@ class _StageFlops(TorchDispatchMode):
 
     @staticmethod
     def count(func, args, kwargs, out) -> int:
-        # linear and conv2d reach a dispatch mode undecomposed under inference mode: 2 FLOP per multiply-add
+        # linear, conv2d and matmul reach a dispatch mode undecomposed under inference mode: 2 FLOP per multiply-add
         if func.overloadpacket in (torch.ops.aten.linear, torch.ops.aten.conv2d, torch.ops.mkldnn._linear_pointwise):
             return 2 * out.numel() * args[1][0].numel()
+        if func.overloadpacket is torch.ops.aten.matmul:
+            return 2 * out.numel() * args[0].shape[-1]
         formula = flop_registry.get(func.overloadpacket)
         return formula(*args, **kwargs, out_val=out) if formula is not None else 0
 
@@ -95,10 +97,10 @@ def stage_report(model, run, count_flops: bool) -> dict:
     decoder = model.sem_seg_head.predictor
     heads = decoder.prediction_heads
 
-    def counted_heads(*args):
+    def counted_heads(*args, **kwargs):
         enter(HEADS)
         try:
-            return heads(*args)
+            return heads(*args, **kwargs)
         finally:
             leave()
 

@@ -47,7 +47,9 @@ from clipvis.modeling.tracker import TemporalTopKTracker
 
 log = logging.getLogger(__name__)
 
-# Frames the backbone takes per forward (the decoder always takes one).
+# Frames the backbone takes per forward, by precision (the decoder always takes one). bf16's products are bound
+# by reading the weights, which a batch shares (2 frames: 0.158 -> 0.117 s/frame; 4: 0.129, the activations
+# leave the cache); fp32 gains nothing (README "Speed").
 FRAMES_PER_BACKBONE_FORWARD = {"fp32": 1, "bf16": 2}
 
 # Queries whose masks are upsampled to output resolution at once (bounds peak memory at high resolution).
@@ -177,8 +179,9 @@ class ClipVisVideoStep:
     """CLIP-VIS's model-specific part of `stream_video`: each window is resized and padded together (as the
     original), then each frame goes through the model, the tracker, the CLIP head and mask encoding before
     the next one, so only one frame's activations and outputs are ever alive (hundreds of MB at 480p,
-    whatever the window size). One frame per forward also measured fastest on CPU; outputs do not depend
-    on it. `finish` runs the original's instance selection over the whole video -> `VideoPrediction`."""
+    whatever the window size). In bf16 the backbone takes `FRAMES_PER_BACKBONE_FORWARD` frames at once (they
+    share each read of its weights, which bounds bf16's products on CPU); outputs do not depend on it.
+    `finish` runs the original's instance selection over the whole video -> `VideoPrediction`."""
 
     def __init__(self, predictor: "VideoPredictor", vocabulary: Vocabulary, keep_mask_logits: bool = False):
         self.predictor = predictor
@@ -231,7 +234,7 @@ class VideoPredictor:
 
     model: a `ClipVis` with weights loaded; memory / topk: TEST.NUM_FRAME / TEST.NUM_TOPK;
     num_instances: TEST.DETECTIONS_PER_IMAGE; window_size: frames decoded, resized and padded together (each
-    still goes through the model alone; outputs do not depend on it); min_size / max_size: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (0 = feed frames unresized);
+    still goes through the decoder alone; outputs do not depend on it); min_size / max_size: INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (0 = feed frames unresized);
     precision: TEST.PRECISION, "fp32" (the original's numbers) or "bf16" (backbone + decoder under bfloat16
     autocast; deviations measured in README "Speed").
     """

@@ -99,15 +99,9 @@ def test_bf16_layers_stored_once_give_exactly_the_autocast_outputs(tmp_path, mon
     import clipvis.modeling.ms_deform_attn as deform
 
     monkeypatch.setattr(predictor_module, "fuse_linear_activations", lambda model: 0)
-    from clipvis.checkpoint import model_to_official_keys
     from clipvis.data.synthetic import synthetic_video
-    from clipvis.modeling.meta_arch import build_model
 
-    cfg = load_config(builtin_config("clipvis_video_tiny.yaml"), ["TEST.PRECISION", "bf16", "INPUT.MIN_SIZE_TEST", "0"])
-    torch.manual_seed(0)
-    reference_model = build_model(cfg)
-    weights = tmp_path / "tiny.pth"
-    torch.save({"model": model_to_official_keys(reference_model.state_dict())}, weights)
+    cfg, reference_model, weights = tiny_bf16_checkpoint(tmp_path)
     stored = VideoPredictor.from_config(cfg, weights=weights, progress=False)
     per_call = VideoPredictor.from_model(reference_model, cfg, progress=False)
 
@@ -165,40 +159,28 @@ def test_linear_activation_is_the_activation_of_the_product_rounded_once():
         assert ((fused - expected.float()).norm() / expected.float().norm()) < 1e-2
 
 
-def test_bf16_predictor_fuses_convnext_and_encoder_feed_forwards(tmp_path):
+def test_bf16_predictor_fuses_convnext_and_encoder_feed_forwards(tmp_path, monkeypatch):
     """At bf16 on CPU, `from_config` fuses every ConvNeXt block's fc1 + GELU and every deformable encoder
     layer's linear1 + ReLU; the state dict keeps its names and the fused model's decoder outputs stay within
     bf16 rounding of the unfused model's."""
-    from clipvis.checkpoint import model_to_official_keys
+    import clipvis.inference.predictor as predictor_module
     from clipvis.inference.precision import LinearActivation, fuse_linear_activations
-    from clipvis.modeling.meta_arch import build_model
 
-    cfg = load_config(builtin_config("clipvis_video_tiny.yaml"), ["TEST.PRECISION", "bf16", "INPUT.MIN_SIZE_TEST", "0"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    weights = tmp_path / "tiny.pth"
-    torch.save({"model": model_to_official_keys(model.state_dict())}, weights)
-    unfused = VideoPredictor.from_config(cfg, weights=weights, progress=False)
+    cfg, _, weights = tiny_bf16_checkpoint(tmp_path)
     fused = VideoPredictor.from_config(cfg, weights=weights, progress=False)
-    assert all(fuse_linear_activations(m) == 0 for m in [fused.model])  # already fused by from_config
+    with monkeypatch.context() as patch:
+        patch.setattr(predictor_module, "fuse_linear_activations", lambda model: 0)
+        unfused = VideoPredictor.from_config(cfg, weights=weights, progress=False)
     fused_layers = [name for name, m in fused.model.named_modules() if isinstance(m, LinearActivation)]
+    if not fused_layers:
+        pytest.skip("oneDNN's fused linear is not available in this torch build")
+    assert fuse_linear_activations(fused.model) == 0  # already fused by from_config
     blocks = [block for stage in fused.model.backbone.clip_model.visual.trunk.stages for block in stage.blocks]
     linear_mlps = sum(not block.use_conv_mlp for block in blocks)  # the tiny tower's MLPs are 1x1 convolutions
     encoder_layers = len(fused.model.sem_seg_head.pixel_decoder.transformer.encoder.layers)
-    if not fused_layers:
-        pytest.skip("oneDNN's fused linear is not available in this torch build")
     assert len(fused_layers) == linear_mlps + encoder_layers
     assert fused.model.state_dict().keys() == unfused.model.state_dict().keys()
 
-    # the unfused twin: undo the fusion on the second predictor's model
-    for module in unfused.model.modules():
-        for linear_name, activation_name in (("fc1", "act"), ("linear1", "activation")):
-            layer = getattr(module, linear_name, None)
-            if isinstance(layer, LinearActivation):
-                plain = torch.nn.Linear(layer.in_features, layer.out_features)
-                plain.weight, plain.bias = layer.weight, layer.bias
-                setattr(module, linear_name, plain)
-                setattr(module, activation_name, layer.activation)
     image = torch.randn(2, 3, 64, 96)
     with torch.inference_mode():
         a = fused._run_model(image)
@@ -208,3 +190,16 @@ def test_bf16_predictor_fuses_convnext_and_encoder_feed_forwards(tmp_path):
             error = (outputs_a[key] - outputs_b[key]).norm() / outputs_b[key].norm()
             assert error < 0.05, (key, float(error))
         assert ((dense_a - dense_b).norm() / dense_b.norm()) < 0.05
+
+
+def tiny_bf16_checkpoint(tmp_path: Path):
+    """(bf16 config of the tiny video model, a randomly initialised model of it, its checkpoint in the official layout)."""
+    from clipvis.checkpoint import model_to_official_keys
+    from clipvis.modeling.meta_arch import build_model
+
+    cfg = load_config(builtin_config("clipvis_video_tiny.yaml"), ["TEST.PRECISION", "bf16", "INPUT.MIN_SIZE_TEST", "0"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    weights = tmp_path / "tiny.pth"
+    torch.save({"model": model_to_official_keys(model.state_dict())}, weights)
+    return cfg, model, weights

@@ -69,6 +69,8 @@ def store_autocast_layers_in_bf16(model: nn.Module, inference_pass: Callable[[],
 # (Linear, activation) attribute pairs of the modules whose Linear feeds an activation directly: timm's `Mlp`
 # (ConvNeXt blocks) and the deformable encoder layers' feed-forward.
 LINEAR_ACTIVATION_PAIRS = (("fc1", "act"), ("linear1", "activation"))
+
+
 def _onednn_activation(activation: nn.Module):
     """The oneDNN post-op name of an exact GELU (torch's, or timm's, which calls F.gelu) or a ReLU; else None."""
     if type(activation) is nn.ReLU:

@@ -126,23 +126,23 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, sampling_locations
     # s, each at padded position (y0 + 1 + dy, x0 + 1 + dx). Exact in floats below 2**24 (float32) / 2**53
     # (float64) rows; then the frame and head of each row.
     exact_limit = 2 ** 24 if dtype == torch.float32 else 2 ** 53
-    if batch * padded_total * heads >= exact_limit:
-        raise ClipvisError(f"deformable attention over {batch * padded_total * heads} value rows is too large for exact float32 indexing; use a smaller input size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)")
-    strides = torch.zeros(num_samples * 2, 4, num_samples, dtype=dtype)
-    offsets = torch.zeros(4, num_samples, dtype=dtype)
-    for level, ((_, w), level_start) in enumerate(zip(sizes, padded_starts)):
-        for point in range(num_points):
-            sample = level * num_points + point
-            strides[2 * sample, :, sample] = heads
-            strides[2 * sample + 1, :, sample] = (w + 2) * heads
-            for k, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-                offsets[k, sample] = (level_start + (1 + dy) * (w + 2) + 1 + dx) * heads
-    rows = torch.addmm(offsets.view(-1).to(device), corner, strides.view(num_samples * 2, -1).to(device))
+    table_rows = table.shape[0]
+    if table_rows >= exact_limit:
+        raise ClipvisError(f"deformable attention over {table_rows} value rows is too large for exact float32 indexing; use a smaller input size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)")
+    level_of_sample = [level for level in range(num_levels) for _ in range(num_points)]
+    x_strides = torch.full((num_samples,), float(heads), dtype=dtype)
+    y_strides = torch.tensor([(sizes[level][1] + 2) * heads for level in level_of_sample], dtype=dtype)
+    strides = torch.stack([torch.diag(x_strides), torch.diag(y_strides)], 1).view(num_samples * 2, 1, num_samples)
+    offsets = torch.tensor([[(padded_starts[level] + (1 + dy) * (sizes[level][1] + 2) + 1 + dx) * heads
+                             for level in level_of_sample]
+                            for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))], dtype=dtype)
+    strides = strides.expand(-1, 4, -1).reshape(num_samples * 2, 4 * num_samples)
+    rows = torch.addmm(offsets.view(-1).to(device), corner, strides.to(device))
     frame = torch.arange(batch, dtype=dtype, device=device).view(batch, 1, 1) * (padded_total * heads)
     head = torch.arange(heads, dtype=dtype, device=device).view(1, 1, heads)
     rows = rows.view(batch, num_queries, heads, -1) + (frame + head).unsqueeze(-1)
-    index_dtype = torch.int32 if batch * padded_total * heads < 2 ** 31 else torch.int64
-    rows = rows.view(count, -1).to(index_dtype).clamp_(0, batch * padded_total * heads - 1)
+    index_dtype = torch.int32 if table_rows < 2 ** 31 else torch.int64
+    rows = rows.view(count, -1).to(index_dtype).clamp_(0, table_rows - 1)
 
     # bilinear weight of each neighbour (in the bag's order) times the attention weight, written with
     # [count, samples] products: broadcasting over the tiny trailing dims would run unvectorised and cost 5x more

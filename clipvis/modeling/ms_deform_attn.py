@@ -51,25 +51,38 @@ def multi_scale_deformable_attention(
     Returns:
         `[B, Lq, C]` with the heads' outputs concatenated along channels.
     """
-    batch, total, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    num_levels, num_points = sampling_locations.shape[3:5]
     sizes = level_sizes(spatial_shapes)
+    starts = _level_starts(value, sizes, level_start_index, num_levels)
+    # float32 (or float64) throughout, also under autocast: the row indices are computed with a matrix product
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        dtype = _sampling_dtype(value)
+        extent = _per_point([[w, h] for h, w in sizes], num_points, dtype, value.device)
+        locations = sampling_locations.to(dtype).reshape(*sampling_locations.shape[:3], num_levels * num_points * 2)
+        # pixel coordinates: pixel centres at integers (grid_sample's align_corners=False)
+        pixel = torch.addcmul(torch.tensor(-0.5, dtype=dtype, device=value.device), locations, extent)
+        return _sample_and_mix(value, sizes, starts, pixel, attention_weights)
+
+
+def _sampling_dtype(value: Tensor) -> torch.dtype:
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def _level_starts(value: Tensor, sizes: list, level_start_index: Optional[Tensor], num_levels: int) -> list:
+    """Each level's offset in the flattened value maps, as ints (checked against the value maps' length)."""
+    total = value.shape[1]
     if len(sizes) != num_levels or sum(h * w for h, w in sizes) != total:
         raise AssertionError(
             f"deformable attention got value maps of {total} positions and sampling points for "
             f"{num_levels} levels, which do not match the level sizes {sizes}; pass the value maps "
             "and spatial shapes of the same levels"
         )
-    if level_start_index is None:
-        starts = [0]
-        for h, w in sizes[:-1]:
-            starts.append(starts[-1] + h * w)
-    else:
-        starts = [int(s) for s in level_start_index.tolist()]
-
-    # float32 (or float64) throughout, also under autocast: the row indices are computed with a matrix product
-    with torch.autocast(device_type=value.device.type, enabled=False):
-        return _sample_and_mix(value, sizes, starts, sampling_locations, attention_weights)
+    if level_start_index is not None:
+        return [int(s) for s in level_start_index.tolist()]
+    starts = [0]
+    for h, w in sizes[:-1]:
+        starts.append(starts[-1] + h * w)
+    return starts
 
 
 def _softmax_last(x: Tensor) -> Tensor:
@@ -86,9 +99,14 @@ def _per_point(values: list, num_points: int, dtype, device) -> Tensor:
     return table.view(-1, 1, 2).expand(-1, num_points, 2).reshape(-1)
 
 
-def _sample_and_mix(value: Tensor, sizes: list, starts: list, sampling_locations: Tensor,
-                    attention_weights: Tensor) -> Tensor:
-    """The computation behind `multi_scale_deformable_attention` (same arguments, starts as ints).
+def _sample_and_mix(value: Tensor, sizes: list, starts: list, pixel: Tensor, attention_weights: Tensor) -> Tensor:
+    """The computation behind `multi_scale_deformable_attention`, from the samples' pixel coordinates.
+
+    Args:
+        value: `[B, S, heads, D]`; sizes / starts: each level's (h, w) and offset in S, as ints.
+        pixel: `[B, Lq, heads, L*points*2]` the samples' (x, y) in pixels of their level, pixel centres at
+            integers (grid_sample's align_corners=False convention); consumed (modified in place).
+        attention_weights: `[B, Lq, heads, L, points]`.
 
     Bilinear sampling is written as a weighted sum of table rows: every level's value map gets a one-pixel
     zero border, each sampling point's pixel coordinate is clamped into that border (a point farther out
@@ -96,39 +114,45 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, sampling_locations
     whose weights are the bilinear weights times the attention weight. One `embedding_bag` (sum with
     per-sample weights) then gathers and mixes all levels x points x 4 neighbours of a query at once,
     without materialising the samples (what grid_sample followed by a weighted sum would do).
+    Returns `[B, Lq, heads*D]`.
     """
     batch, total, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    _, num_queries, _, num_levels, num_points = attention_weights.shape
     device = value.device
-    dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    dtype = _sampling_dtype(value)
     num_samples = num_levels * num_points
     count = batch * num_queries * heads
 
-    padded, padded_starts, padded_total = [], [], 0
-    for (h, w), start in zip(sizes, starts):
-        level = value[:, start:start + h * w].reshape(batch, h, w, heads * head_dim)
-        padded.append(F.pad(level, (0, 0, 1, 1, 1, 1)).flatten(1, 2))
+    # the zero-bordered table, levels one after the other, row = (frame, padded position, head)
+    padded_starts, padded_total = [], 0
+    for h, w in sizes:
         padded_starts.append(padded_total)
         padded_total += (h + 2) * (w + 2)
-    table = torch.cat(padded, 1).to(dtype).reshape(-1, head_dim)  # row = (frame, padded position, head)
+    table = torch.zeros(batch, padded_total, heads * head_dim, dtype=dtype, device=device)
+    for (h, w), start, padded_start in zip(sizes, starts, padded_starts):
+        interior = table[:, padded_start:padded_start + (h + 2) * (w + 2)].view(batch, h + 2, w + 2, -1)[:, 1:-1, 1:-1]
+        interior.copy_(value[:, start:start + h * w].reshape(batch, h, w, heads * head_dim))
+    table = table.view(-1, head_dim)
 
-    # pixel coordinates (pixel centres at integers, grid_sample's align_corners=False), clamped to the border
+    # clamped to the border; the integer corner and the fraction of the way to the next pixel
     extent = _per_point([[w, h] for h, w in sizes], num_points, dtype, device)
-    locations = sampling_locations.to(dtype).reshape(count, num_samples * 2)
-    pixel = torch.addcmul(torch.tensor(-0.5, dtype=dtype, device=device), locations, extent)
-    pixel = torch.minimum(pixel.clamp_(min=-1.0), extent)
+    pixel = pixel.to(dtype).view(batch * num_queries, heads, num_samples * 2)
+    pixel = torch.clamp(pixel, min=torch.full_like(extent, -1.0), max=extent)
     corner = pixel.floor()
     fraction = (pixel - corner).view(count, num_samples, 2)
 
     # table row of each point's four neighbours, as one small matrix product of the integer corner coordinates
     # [count, samples*2] with the levels' (x, y) row strides, the neighbours' offsets and each level's start in
     # the bias: bag column k*samples + s is neighbour k (top-left, top-right, bottom-left, bottom-right) of sample
-    # s, each at padded position (y0 + 1 + dy, x0 + 1 + dx). Exact in floats below 2**24 (float32) / 2**53
-    # (float64) rows; then the frame and head of each row.
+    # s, each at padded position (y0 + 1 + dy, x0 + 1 + dx). The head's row (+h, x's stride being `heads`) rides
+    # on x as +h/heads. Exact in floats below 2**24 (float32) / 2**53 (float64) rows; then the frame's rows.
     exact_limit = 2 ** 24 if dtype == torch.float32 else 2 ** 53
     table_rows = table.shape[0]
     if table_rows >= exact_limit:
         raise ClipvisError(f"deformable attention over {table_rows} value rows is too large for exact float32 indexing; use a smaller input size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)")
+    head_in_x = torch.zeros(heads, num_samples, 2, dtype=dtype)
+    head_in_x[:, :, 0] = (torch.arange(heads, dtype=dtype) / heads).view(heads, 1)
+    corner += head_in_x.view(heads, num_samples * 2).to(device)
     level_of_sample = [level for level in range(num_levels) for _ in range(num_points)]
     x_strides = torch.full((num_samples,), float(heads), dtype=dtype)
     y_strides = torch.tensor([(sizes[level][1] + 2) * heads for level in level_of_sample], dtype=dtype)
@@ -137,12 +161,12 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, sampling_locations
                              for level in level_of_sample]
                             for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))], dtype=dtype)
     strides = strides.expand(-1, 4, -1).reshape(num_samples * 2, 4 * num_samples)
-    rows = torch.addmm(offsets.view(-1).to(device), corner, strides.to(device))
-    frame = torch.arange(batch, dtype=dtype, device=device).view(batch, 1, 1) * (padded_total * heads)
-    head = torch.arange(heads, dtype=dtype, device=device).view(1, 1, heads)
-    rows = rows.view(batch, num_queries, heads, -1) + (frame + head).unsqueeze(-1)
+    rows = torch.addmm(offsets.view(-1).to(device), corner.view(count, -1), strides.to(device))
+    if batch > 1:
+        frame = torch.arange(batch, dtype=dtype, device=device).view(batch, 1) * (padded_total * heads)
+        rows = (rows.view(batch, -1) + frame).view(count, -1)
     index_dtype = torch.int32 if table_rows < 2 ** 31 else torch.int64
-    rows = rows.view(count, -1).to(index_dtype).clamp_(0, table_rows - 1)
+    rows = rows.to(index_dtype).clamp_(0, table_rows - 1)
 
     # bilinear weight of each neighbour (in the bag's order) times the attention weight, written with
     # [count, samples] products: broadcasting over the tiny trailing dims would run unvectorised and cost 5x more
@@ -239,10 +263,15 @@ class MSDeformAttn(nn.Module):
                 batch, num_queries, self.n_heads, self.n_levels * self.n_points)
             weights = _softmax_last(weights).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
 
-        # offsets are in pixels of each level: divide by (w, h) to get fractions of the level's extent (a
-        # per-(level, point, axis) divisor over [B*Lq*heads, L*P*2] rows: contiguous, not a 6-d broadcast)
-        level_wh = _per_point([[w, h] for h, w in sizes], self.n_points, offsets.dtype, offsets.device)
-        fractions = (offsets.reshape(-1, level_wh.numel()) / level_wh).view(offsets.shape)
-        locations = reference_points[:, :, None, :, None, :] + fractions
-        output = multi_scale_deformable_attention(value, sizes, input_level_start_index, locations, weights)
+        # offsets are in pixels of each level; the reference points' pixel coordinates (centres at integers) are
+        # added per (query, level), broadcast over heads and points: `[B*Lq, heads, L*P*2]` rows, contiguous
+        starts = _level_starts(value, sizes, input_level_start_index, self.n_levels)
+        level_wh = torch.tensor([[w, h] for h, w in sizes], dtype=offsets.dtype, device=offsets.device)
+        reference = torch.addcmul(torch.tensor(-0.5, dtype=offsets.dtype, device=offsets.device),
+                                  reference_points.to(offsets.dtype), level_wh)  # [B, Lq, L, 2]
+        reference = reference[:, :, :, None, :].expand(-1, -1, -1, self.n_points, -1).reshape(
+            batch * num_queries, 1, -1)
+        pixel = offsets.view(batch * num_queries, self.n_heads, -1) + reference
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            output = _sample_and_mix(value, sizes, starts, pixel, weights)
         return self.output_proj(output)

@@ -105,7 +105,7 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, pixel: Tensor, att
     Args:
         value: `[B, S, heads, D]`; sizes / starts: each level's (h, w) and offset in S, as ints.
         pixel: `[B, Lq, heads, L*points*2]` the samples' (x, y) in pixels of their level, pixel centres at
-            integers (grid_sample's align_corners=False convention); consumed (modified in place).
+            integers (grid_sample's align_corners=False convention).
         attention_weights: `[B, Lq, heads, L, points]`.
 
     Bilinear sampling is written as a weighted sum of table rows: every level's value map gets a one-pixel
@@ -145,8 +145,10 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, pixel: Tensor, att
     # [count, samples*2] with the levels' (x, y) row strides, the neighbours' offsets and each level's start in
     # the bias: bag column k*samples + s is neighbour k (top-left, top-right, bottom-left, bottom-right) of sample
     # s, each at padded position (y0 + 1 + dy, x0 + 1 + dx). The head's row (+h, x's stride being `heads`) rides
-    # on x as +h/heads. Exact in floats below 2**24 (float32) / 2**53 (float64) rows; then the frame's rows.
-    exact_limit = 2 ** 24 if dtype == torch.float32 else 2 ** 53
+    # on x as +h/heads, and the bias carries +0.5 so that truncating to int rounds to nearest (all terms are
+    # non-negative; h/heads is inexact unless heads is a power of two). Exact below 2**23 (float32) / 2**52
+    # (float64) rows; then the frame's rows.
+    exact_limit = 2 ** 23 if dtype == torch.float32 else 2 ** 52
     table_rows = table.shape[0]
     if table_rows >= exact_limit:
         raise ClipvisError(f"deformable attention over {table_rows} value rows is too large for exact float32 indexing; use a smaller input size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)")
@@ -157,7 +159,7 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, pixel: Tensor, att
     x_strides = torch.full((num_samples,), float(heads), dtype=dtype)
     y_strides = torch.tensor([(sizes[level][1] + 2) * heads for level in level_of_sample], dtype=dtype)
     strides = torch.stack([torch.diag(x_strides), torch.diag(y_strides)], 1).view(num_samples * 2, 1, num_samples)
-    offsets = torch.tensor([[(padded_starts[level] + (1 + dy) * (sizes[level][1] + 2) + 1 + dx) * heads
+    offsets = torch.tensor([[(padded_starts[level] + (1 + dy) * (sizes[level][1] + 2) + 1 + dx) * heads + 0.5
                              for level in level_of_sample]
                             for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))], dtype=dtype)
     strides = strides.expand(-1, 4, -1).reshape(num_samples * 2, 4 * num_samples)

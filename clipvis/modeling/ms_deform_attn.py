@@ -56,16 +56,20 @@ def multi_scale_deformable_attention(
     starts = _level_starts(value, sizes, level_start_index, num_levels)
     # float32 (or float64) throughout, also under autocast: the row indices are computed with a matrix product
     with torch.autocast(device_type=value.device.type, enabled=False):
-        dtype = _sampling_dtype(value)
-        extent = _per_point([[w, h] for h, w in sizes], num_points, dtype, value.device)
-        locations = sampling_locations.to(dtype).reshape(*sampling_locations.shape[:3], num_levels * num_points * 2)
-        # pixel coordinates: pixel centres at integers (grid_sample's align_corners=False)
-        pixel = torch.addcmul(torch.tensor(-0.5, dtype=dtype, device=value.device), locations, extent)
+        locations = sampling_locations.reshape(*sampling_locations.shape[:3], num_levels * num_points * 2)
+        pixel = _pixel_coordinates(locations, sizes, num_points, _sampling_dtype(value))
         return _sample_and_mix(value, sizes, starts, pixel, attention_weights)
 
 
 def _sampling_dtype(value: Tensor) -> torch.dtype:
     return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def _pixel_coordinates(fractions: Tensor, sizes: list, num_points: int, dtype: torch.dtype) -> Tensor:
+    """(x, y) fractions of each level's extent laid out like a query's sampling points, `[..., L*points*2]`, ->
+    pixel coordinates of that level, pixel centres at integers (grid_sample's align_corners=False)."""
+    extent = _per_point([[w, h] for h, w in sizes], num_points, dtype, fractions.device)
+    return torch.addcmul(torch.tensor(-0.5, dtype=dtype, device=fractions.device), fractions.to(dtype), extent)
 
 
 def _level_starts(value: Tensor, sizes: list, level_start_index: Optional[Tensor], num_levels: int) -> list:
@@ -265,15 +269,12 @@ class MSDeformAttn(nn.Module):
                 batch, num_queries, self.n_heads, self.n_levels * self.n_points)
             weights = _softmax_last(weights).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
 
-        # offsets are in pixels of each level; the reference points' pixel coordinates (centres at integers) are
-        # added per (query, level), broadcast over heads and points: `[B*Lq, heads, L*P*2]` rows, contiguous
-        starts = _level_starts(value, sizes, input_level_start_index, self.n_levels)
-        level_wh = torch.tensor([[w, h] for h, w in sizes], dtype=offsets.dtype, device=offsets.device)
-        reference = torch.addcmul(torch.tensor(-0.5, dtype=offsets.dtype, device=offsets.device),
-                                  reference_points.to(offsets.dtype), level_wh)  # [B, Lq, L, 2]
-        reference = reference[:, :, :, None, :].expand(-1, -1, -1, self.n_points, -1).reshape(
-            batch * num_queries, 1, -1)
-        pixel = offsets.view(batch * num_queries, self.n_heads, -1) + reference
-        with torch.autocast(device_type=query.device.type, enabled=False):
+            # offsets are in pixels of each level; the reference points' pixel coordinates are added per (query,
+            # level), broadcast over heads and points: `[B*Lq, heads, L*P*2]` rows, contiguous
+            reference = reference_points[:, :, :, None, :].expand(-1, -1, -1, self.n_points, -1)
+            reference = _pixel_coordinates(reference.reshape(batch * num_queries, 1, -1), sizes, self.n_points,
+                                           offsets.dtype)
+            pixel = offsets.view(batch * num_queries, self.n_heads, -1) + reference
+            starts = _level_starts(value, sizes, input_level_start_index, self.n_levels)
             output = _sample_and_mix(value, sizes, starts, pixel, weights)
         return self.output_proj(output)

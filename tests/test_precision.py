@@ -16,6 +16,7 @@ import torch
 from clipvis.config import builtin_config, load_config
 from clipvis.errors import ConfigError
 from clipvis.inference.instance_selection import compare_instance_sets
+from clipvis.inference.precision import bf16_supported
 from clipvis.inference.predictor import VideoPredictor
 from clipvis.modeling.text_classifier import Vocabulary
 from clipvis.modeling.text_classifier import parse_vocabulary
@@ -28,6 +29,11 @@ FIXTURES = inference_fixture_paths()
 # Documented floors for bf16 (README "Speed" gives the measured values, well above these).
 CLASS_AGREEMENT_FLOOR = 0.7
 MEAN_IOU_FLOOR = 0.9
+
+needs_bf16 = pytest.mark.skipif(
+    not bf16_supported(torch.device("cpu")),
+    reason=f"this CPU has no bfloat16 arithmetic (torch: {torch.backends.cpu.get_cpu_capability()}): bf16 is refused "
+           "here, which test_bf16_is_refused_before_anything_is_built_where_the_cpu_lacks_it checks")
 
 
 def deviation(path: Path, precision: str) -> dict:
@@ -50,6 +56,7 @@ def deviation(path: Path, precision: str) -> dict:
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.name for p in FIXTURES])
+@needs_bf16
 def test_bf16_final_instances_within_documented_deviation(path):
     result = deviation(path, "bf16")
     assert result["matched"] == len(load_fixture(path)["final"]["scores"])
@@ -78,6 +85,44 @@ def test_unknown_precision_is_a_config_error():
         VideoPredictor.from_config(cfg, weights=None, progress=False)
 
 
+def test_bf16_is_refused_before_anything_is_built_where_the_cpu_lacks_it(monkeypatch, tmp_path, capsys):
+    """On a CPU without bfloat16 arithmetic (oneDNN's bf16 kernels need AVX-512 or AMX; torch's fallback is
+    hundreds of times slower than fp32) bf16 is a ConfigError naming the CPU and the fix, raised before a
+    model or CLIP weights are built: by `VideoPredictor.from_config`, by `SemanticSegmenter.from_open_clip`, and
+    by the CLI as one line. fp32 is unaffected."""
+    import clipvis.inference.precision as precision
+    import clipvis.inference.semantic_segmenter as semantic_segmenter
+    import clipvis.modeling.meta_arch as meta_arch
+    from clipvis.cli.main import main
+    from clipvis.inference.semantic_segmenter import SemanticSegmenter
+
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the precision was checked")
+
+    monkeypatch.setattr(meta_arch, "build_model", built)
+    monkeypatch.setattr(semantic_segmenter, "build_clip_vit", built)
+    cfg = load_config(builtin_config("clipvis_video_R50.yaml"), ["TEST.PRECISION", "bf16"])
+    with pytest.raises(ConfigError, match="no bfloat16 arithmetic.*Use fp32"):
+        VideoPredictor.from_config(cfg, weights=None, progress=False)
+    with pytest.raises(ConfigError, match="no bfloat16 arithmetic"):
+        SemanticSegmenter.from_open_clip("ViT-B-16", weights=None, precision="bf16")
+    with pytest.raises(AssertionError, match="was built"):  # fp32 goes on to build
+        SemanticSegmenter.from_open_clip("ViT-B-16", weights=None, precision="fp32")
+
+    from clipvis.data.synthetic import synthetic_video
+    from clipvis.data.video import Mp4Writer
+
+    with Mp4Writer(tmp_path / "clip.mp4", fps=5) as writer:
+        for frame in synthetic_video(2, 32, 32, seed=0):
+            writer.write(frame)
+    code = main(["infer", str(tmp_path / "clip.mp4"), "--vocab", "cat", "--precision", "bf16", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "bfloat16" in err[0] and "fp32" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_precision_flag_sets_the_config_key():
     import argparse
 
@@ -91,6 +136,7 @@ def test_precision_flag_sets_the_config_key():
         parser.parse_args(["video.mp4", "--vocab", "cat", "--precision", "fp16"])
 
 
+@needs_bf16
 def test_bf16_layers_stored_once_give_exactly_the_autocast_outputs(tmp_path, monkeypatch):
     """`from_config` at bf16 stores the layers run under autocast in bfloat16 once; the outputs must be
     bit-identical to autocast casting fp32 weights at every call (a predictor around an untouched model).
@@ -122,6 +168,7 @@ def test_bf16_layers_stored_once_give_exactly_the_autocast_outputs(tmp_path, mon
     assert a.rles == b.rles
 
 
+@needs_bf16
 def test_linear_activation_is_the_activation_of_the_product_rounded_once():
     """A fused bf16 Linear + GELU / ReLU gives the activation of the float32-accumulated product, rounded to
     bfloat16 once (within one bf16 rounding of the float32 reference; the unfused pair rounds twice)."""
@@ -159,6 +206,7 @@ def test_linear_activation_is_the_activation_of_the_product_rounded_once():
         assert ((fused - expected.float()).norm() / expected.float().norm()) < 1e-2
 
 
+@needs_bf16
 def test_bf16_predictor_fuses_convnext_and_encoder_feed_forwards(tmp_path, monkeypatch):
     """At bf16 on CPU, `from_config` fuses every ConvNeXt block's fc1 + GELU and every deformable encoder
     layer's linear1 + ReLU; the state dict keeps its names and the fused model's decoder outputs stay within

@@ -36,7 +36,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: MODEL.DEVICE when CUDA is there, else cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="inference arithmetic (TEST.PRECISION): fp32 = the original's numbers (default); "
-                             "bf16 = about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs, small deviations")
+                             "bf16 = 2-3x faster on CPUs with AVX512-BF16/AMX and on GPUs, small deviations "
+                             "(refused on CPUs without bfloat16 arithmetic, e.g. AVX2 only)")
     parser.add_argument("--out", default="clipvis_output", help="output folder (default ./clipvis_output)")
     parser.add_argument("--vis-threshold", type=score_threshold, default=0.5, help="draw instances scoring at least this in the overlay video")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay video")
@@ -188,11 +189,13 @@ def check_config_values(cfg) -> None:
             raise ClipvisError(f"config value {key} = {node!r} must be positive; fix it in the config or with --opts {key} N")
 
 
-def check_device(device: str) -> None:
-    """The device exists here (CUDA present, index in range), checked before the model is built."""
+def check_device(device: str, precision: str = "fp32") -> None:
+    """The device exists here (CUDA present, index in range) and can run `precision` (bf16 needs bfloat16
+    arithmetic), checked before the model is built."""
+    from clipvis.inference.precision import check_precision
     from clipvis.inference.predictor import resolve_device
 
-    resolve_device(device)
+    check_precision(precision, resolve_device(device))
 
 
 class OutputStage:
@@ -356,7 +359,7 @@ def run(args) -> int:
     check_weights_path(cfg.MODEL.WEIGHTS)
     from clipvis.inference.predictor import default_device
 
-    check_device(args.device or default_device(cfg.MODEL.DEVICE))
+    check_device(args.device or default_device(cfg.MODEL.DEVICE), cfg.TEST.PRECISION)
     if not (args.weights or cfg.MODEL.WEIGHTS) and not args.random_weights:
         raise ClipvisError("no --weights given: without a CLIP-VIS checkpoint the decoder is random and the results meaningless; "
                            "pass --weights model.pth (README: 'Weights'), or --random-weights to run untrained on purpose")

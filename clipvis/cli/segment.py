@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "OpenAI-format weights")
     parser.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="fp32 (default, the original's numbers) or bf16 (towers under bfloat16 autocast)")
+                        help="fp32 (default, the original's numbers) or bf16 (towers under bfloat16 autocast; "
+                             "refused on CPUs without bfloat16 arithmetic)")
     parser.add_argument("--max-frames", type=positive_int, default=None, help="a video: segment at most this many frames")
 
 
@@ -108,7 +109,7 @@ def run(args) -> int:
     kind, items = _inputs(source)
     classes = _read_classes(args)
     background = [c.strip() for c in args.background.split(";") if c.strip()] if args.background else None
-    check_device(args.device)
+    check_device(args.device, args.precision)
     from clipvis.inference.semantic_segmenter import check_settings
 
     check_settings(args.clip_model, args.clip_weights, args.size, args.eps, args.min_samples)

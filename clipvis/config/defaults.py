@@ -261,8 +261,9 @@ def _clipvis_extensions() -> dict:
             # Frames per backbone/decoder batch in window inference (the original's `window_size=10`).
             # Only batches the work: results do not depend on it.
             "WINDOW_SIZE": 10,
-            # Inference arithmetic: "fp32" (the original's numbers) or "bf16" (autocast: about 2x faster on
-            # CPUs with AVX512-BF16/AMX and on GPUs; small documented deviations, see README "Speed").
+            # Inference arithmetic: "fp32" (the original's numbers) or "bf16" (autocast: 2-3x faster on
+            # CPUs with AVX512-BF16/AMX and on GPUs; small documented deviations, see README "Speed"; refused
+            # on a CPU without bfloat16 arithmetic, where it would be hundreds of times slower).
             "PRECISION": "fp32",
         },
         "SOLVER": {

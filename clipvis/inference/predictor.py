@@ -31,7 +31,7 @@ from clipvis.inference.instance_selection import (
     per_frame_mask_stats,
     top_query_class_pairs,
 )
-from clipvis.inference.precision import fuse_linear_activations, precision_context, store_autocast_layers_in_bf16
+from clipvis.inference.precision import check_precision, fuse_linear_activations, precision_context, store_autocast_layers_in_bf16
 from clipvis.mask_encoding import decode_rle, encode_rles, logits_to_output_masks
 from clipvis.inference.streaming import Frames, StageTimer, as_uint8_frames, stream_video
 from clipvis.memory import page_out, release_freed_memory
@@ -270,7 +270,7 @@ class VideoPredictor:
     ):
         if window_size < 1:
             raise ClipvisError(f"window size must be >= 1, got {window_size}")
-        precision_context(precision, torch.device("cpu"))  # validates the name
+        check_precision(precision, model.device)
         self.precision = precision
         self.model = model.eval()
         self.memory, self.topk = memory, topk
@@ -305,7 +305,7 @@ class VideoPredictor:
         from clipvis.checkpoint import load_checkpoint
         from clipvis.modeling.meta_arch import build_model
 
-        precision_context(kwargs.get("precision", cfg.TEST.PRECISION), torch.device("cpu"))  # fail early
+        check_precision(kwargs.get("precision", cfg.TEST.PRECISION), resolve_device(device))  # before anything is built
         weights = weights if weights is not None else (cfg.MODEL.WEIGHTS or None)
         model = build_model(cfg, load_clip_weights=weights is None)
         if weights is None and not cfg.MODEL.FC_CLIP.CLIP_PRETRAINED_WEIGHTS:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from clipvis.errors import CheckpointError, ClipvisError
+from clipvis.inference.precision import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ class SemanticSegmenter:
 
     def __init__(self, model, *, size: int = 224, protocol: str = "whole", eps: Optional[float] = None,
                  min_samples: Optional[int] = None, precision: str = "fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise ClipvisError(f"unknown precision {precision!r}: use fp32 (the original's numbers) or bf16")
+        check_precision(precision, model.visual.conv1.weight.device)
         if protocol not in PROTOCOLS:
             raise ClipvisError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
         eps, min_samples = dbscan_settings(size, model.patch_size, eps, min_samples)
@@ -123,6 +123,9 @@ class SemanticSegmenter:
         file of OpenAI-format weights (OpenAI's release, the original's CLIP copy; run with QuickGELU), or None
         for random weights (only to try the pipeline). Checked before anything is built: the model must have a
         ViT tower."""
+        from clipvis.inference.predictor import resolve_device
+
+        check_precision(kwargs.get("precision", "fp32"), resolve_device(device))  # before the weights are read
         model = build_clip_vit(model_name, weights)
         from clipvis.modeling.cliptrase import CLIPtraseSegmenter
         import open_clip

@@ -21,10 +21,7 @@ def bf16_supported(device: torch.device) -> bool:
     float32 products (0.3 vs 180 GFLOP/s measured on an AVX2 AMD EPYC). On CUDA, the GPU's bfloat16 support."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    onednn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if onednn_bf16 is not None:
-        return torch.backends.mkldnn.is_available() and bool(onednn_bf16())
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -42,9 +39,8 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def precision_context(precision: str, device: torch.device):
-    """The autocast context of an inference precision: nothing for "fp32", bfloat16 autocast on the device's
-    type (CPU or CUDA) for "bf16". Raises ConfigError as `check_precision` does."""
-    check_precision(precision, device)
+    """The autocast context of an inference precision already validated by `check_precision`: nothing for
+    "fp32", bfloat16 autocast on the device's type (CPU or CUDA) for "bf16"."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

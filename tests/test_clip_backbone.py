@@ -220,3 +220,36 @@ def test_a_new_tower_family_is_one_class_and_one_registration(tmp_path):
         assert model.backbone.pooled_embeddings(dense, masks).shape == (1, 3, 32)
     finally:
         IMAGE_TOWERS.pop("test_vit")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_convnext_in_place_blocks_are_timm_blocks_bit_for_bit(autocast):
+    """Without autograd the ConvNeXt tower runs timm's blocks with GELU, layer scale and residual add written in
+    place (README "Speed"); the features equal timm's own stage forwards exactly, in fp32 and under bf16
+    autocast (where the float32 layer scale promotes the bf16 product, so that step is not in place)."""
+    from types import SimpleNamespace
+
+    from timm.models.convnext import ConvNeXt
+
+    from clipvis.modeling.image_towers.convnext import ConvNeXtTower, _in_place_applies
+
+    torch.manual_seed(0)
+    trunk = ConvNeXt(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=0, ls_init_value=0.5).eval()
+    with torch.no_grad():
+        for parameter in trunk.parameters():
+            parameter.normal_(0, 0.3)
+    assert all(_in_place_applies(block) for stage in trunk.stages for block in stage.blocks)
+    tower = ConvNeXtTower(SimpleNamespace(trunk=trunk))
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        features = tower.features(images)
+        x = trunk.stem(images)
+        for i, stage in enumerate(trunk.stages):
+            x = stage(x)
+            assert features[f"res{i + 2}"].dtype == x.dtype
+            assert torch.equal(features[f"res{i + 2}"], x), f"res{i + 2}"
+        assert torch.equal(features["clip_vis_dense"], trunk.norm_pre(x))
+    with torch.enable_grad():  # with autograd, timm's own forward (nothing overwritten that backward needs)
+        images.requires_grad_(True)
+        tower.features(images)["res5"].sum().backward()
+    assert images.grad is not None

@@ -77,7 +77,7 @@ class ConvNormAct(nn.Conv2d):
         x = super().forward(x)
         if self.norm is not None:
             x = self.norm(x)
-        return F.relu(x) if self.relu else x
+        return F.relu(x, inplace=True) if self.relu else x  # in place: neither conv nor norm backward needs x
 
 
 def _make_norm(norm: str, channels: int) -> Optional[nn.Module]:
@@ -275,7 +275,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             # upsampled from a contiguous map: the encoder's outputs are channel-last views, which CPU bilinear
             # upsampling of 256 channels reads 3-4x slower than it copies them first
             coarser = outputs[-1].contiguous()
-            merged = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            upsampled = F.interpolate(coarser, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            # added in place (an 11 MB map at stride 4) unless the sum's dtype is promoted (bf16 autocast)
+            merged = lateral.add_(upsampled) if lateral.dtype == upsampled.dtype else lateral + upsampled
             outputs.append(getattr(self, f"layer_{index + 1}")(merged))
 
         return self.mask_features(outputs[-1]), outputs[:self.num_output_levels]

@@ -9,6 +9,34 @@ from torch import Tensor, nn
 from clipvis.modeling.image_towers import FEATURE_STRIDES, ClipImageTower, register_image_tower
 
 
+def _in_place_applies(block: nn.Module) -> bool:
+    """Whether `_block_in_place` computes what this timm block's forward does: a ConvNeXtBlock in eval mode with
+    a channel-last MLP (timm's `Mlp`, no hidden norm), layer scale and an identity shortcut."""
+    mlp = getattr(block, "mlp", None)
+    return (type(block).__name__ == "ConvNeXtBlock" and not block.training and not block.use_conv_mlp
+            and block.gamma is not None and isinstance(block.shortcut, nn.Identity)
+            and type(mlp).__name__ == "Mlp" and isinstance(mlp.norm, nn.Identity))
+
+
+def _block_in_place(block: nn.Module, x: Tensor) -> Tensor:
+    """A timm ConvNeXtBlock's forward without autograd, `[B,C,H,W] -> [B,C,H,W]`, bit-identical to it: the exact
+    GELU, the layer scale and the residual add write into the MLP's own outputs instead of three fresh tensors
+    per block (at 96x120, 24 MB each: allocating and page-faulting them cost 6% of the trunk's time on an AVX2
+    EPYC, README "Speed"). Where the product is bfloat16 and the layer scale float32 (bf16 inference), the
+    promoted float32 result is a new tensor, as in timm."""
+    mlp = block.mlp
+    hidden = mlp.fc1(block.norm(block.conv_dw(x).permute(0, 2, 3, 1)))
+    if type(mlp.act).__name__ == "GELU" and getattr(mlp.act, "approximate", "none") == "none":
+        torch._C._nn.gelu_(hidden)
+    else:
+        hidden = mlp.act(hidden)  # Identity where fc1 already applies it (bf16's fused LinearActivation)
+    out = mlp.fc2(hidden).permute(0, 3, 1, 2)
+    gamma = block.gamma.reshape(1, -1, 1, 1)
+    if out.dtype == gamma.dtype == x.dtype:
+        return out.mul_(gamma).add_(x)
+    return out.mul(gamma) + x
+
+
 @register_image_tower
 class ConvNeXtTower(ClipImageTower):
     """The trunk's four stages give res2..res5; `norm_pre` of the last stage is the dense map. A mask is
@@ -34,7 +62,12 @@ class ConvNeXtTower(ClipImageTower):
         features: Dict[str, Tensor] = {}
         x = trunk.stem(images)
         for i, stage in enumerate(trunk.stages):
-            x = stage(x)
+            if torch.is_grad_enabled() or stage.training:
+                x = stage(x)
+            else:
+                x = stage.downsample(x)
+                for block in stage.blocks:
+                    x = _block_in_place(block, x) if _in_place_applies(block) else block(x)
             features[f"res{i + 2}"] = x
         features["clip_vis_dense"] = trunk.norm_pre(x)
         return features

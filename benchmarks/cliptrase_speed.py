@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from clipvis.memory import enable_huge_page_allocations
+
+enable_huge_page_allocations()  # before torch is imported, as the `clipvis` command does
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_report, peak_rss_mb, reference_dir  # noqa: E402

@@ -157,6 +157,7 @@ def machine_report() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "huge_page_allocations": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "matmul_gflops_fp32": round(matmul_peak_gflops(torch.float32), 1),
         "matmul_gflops_bf16": round(matmul_peak_gflops(torch.bfloat16), 1),
     }

@@ -19,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from clipvis.memory import enable_huge_page_allocations
+
+enable_huge_page_allocations()  # before torch is imported, as the `clipvis` command does
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_predictor, machine_report, parse_overrides, peak_rss_report, start_inference_peak_rss  # noqa: E402

@@ -17,7 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from clipvis.memory import enable_huge_page_allocations
+
+enable_huge_page_allocations()  # before torch is imported, as the `clipvis` command does
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_predictor, peak_rss_report, start_inference_peak_rss  # noqa: E402

@@ -22,7 +22,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+from clipvis.memory import enable_huge_page_allocations
+
+enable_huge_page_allocations()  # before torch is imported, as the `clipvis` command does
+import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 

@@ -5,9 +5,11 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from typing import List, Optional, Sequence, Tuple
+import sys
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
-import torch
+if TYPE_CHECKING:  # torch is not imported here, so that `enable_huge_page_allocations` can run before it is
+    import torch
 
 MADV_DONTNEED = 4  # Linux
 MADV_PAGEOUT = 21  # Linux >= 5.4
@@ -22,6 +24,22 @@ def _glibc() -> Optional[ctypes.CDLL]:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+
+
+def enable_huge_page_allocations() -> bool:
+    """Ask PyTorch's CPU allocator for 2 MB transparent huge pages for tensors of 2 MB and more
+    (`THP_MEM_ALLOC_ENABLE=1`). torch reads the variable once, at its first allocation, so this only acts when
+    called before torch is imported (the `clipvis` command and the benchmarks call it first thing); a value the
+    user set is left as it is. Returns whether the variable is set for this process's torch.
+
+    Why: a frame's large temporaries otherwise fault in 4 KB pages; on an AVX2 EPYC VM that was 1.3M page faults
+    and 3.6 s of system time per 24 frames, and glibc's heap fragmented to a 100 MB higher peak (README "Speed")."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
+    return os.environ.get(HUGE_PAGES_VARIABLE) == "1"
 
 
 def release_freed_memory() -> None:

@@ -78,3 +78,31 @@ def test_encoding_a_vocabulary_again_after_the_text_tower_was_paged_out(tmp_path
     predictor.encode_vocabulary("car")
     predictor._vocabularies.clear()
     assert torch.equal(predictor.encode_vocabulary("cat; dog, puppy").classifier, first)
+
+
+def _python(code: str, **env) -> str:
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    environment.update(env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_huge_page_allocations_are_enabled_only_before_torch_is_imported():
+    """torch reads THP_MEM_ALLOC_ENABLE at its first allocation: set before the import, left alone after it, and a
+    user's own value is kept."""
+    before = "from clipvis.memory import enable_huge_page_allocations as e; r = e(); import os, torch; print(r, os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    after = "import torch; from clipvis.memory import enable_huge_page_allocations as e; import os; print(e(), os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    assert _python(before) == ["True", "1"]
+    assert _python(after) == ["False", "None"]
+    assert _python(before, THP_MEM_ALLOC_ENABLE="0") == ["False", "0"]
+
+
+def test_the_clipvis_command_enables_huge_page_allocations_before_importing_torch():
+    code = ("import os, sys; from clipvis.cli.main import main; assert 'torch' not in sys.modules; "
+            "main([]); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    assert _python(code)[-1] == "1"

@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from clipvis.errors import ClipvisError
+from clipvis.memory import enable_huge_page_allocations
 
 SUBCOMMANDS = {
     "infer": "segment and track the objects named by a vocabulary in a video",
@@ -51,6 +52,7 @@ def setup_logging(debug: bool, quiet: bool) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse `argv`, run the subcommand, and turn user errors into one line on stderr and exit status 2."""
+    enable_huge_page_allocations()  # before anything imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

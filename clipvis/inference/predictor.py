@@ -47,23 +47,10 @@ from clipvis.modeling.tracker import TemporalTopKTracker
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class FrameSchedule:
-    """How frames go through the model at one precision (README "Speed" has the measurements).
-
-    frames_per_backbone_forward: frames the backbone takes at once (the decoder always takes one). bf16's
-    products are bound by reading the weights, which a batch shares (2 frames: 0.158 -> 0.117 s/frame; 4: 0.129,
-    the activations leave the cache); fp32 gains nothing.
-    trim_heap_per_forward: return freed heap to the system after every model forward instead of once per window.
-    fp32's per-frame working set (~250 MB that glibc would otherwise keep until the window ends) then never
-    lifts the process above its loading peak, for 3-4% speed; bf16's smaller working set stays below it anyway.
-    """
-
-    frames_per_backbone_forward: int
-    trim_heap_per_forward: bool
-
-
-FRAME_SCHEDULES = {"fp32": FrameSchedule(1, True), "bf16": FrameSchedule(2, False)}
+# Frames the backbone takes at once, per precision (the decoder always takes one). bf16's products are bound by
+# reading the weights, which a batch shares (2 frames: 0.158 -> 0.117 s/frame; 4: 0.129, the activations leave
+# the cache); fp32 gains nothing (README "Speed" has the measurements).
+FRAMES_PER_BACKBONE_FORWARD = {"fp32": 1, "bf16": 2}
 
 # Queries whose masks are upsampled to output resolution at once (bounds peak memory at high resolution).
 UPSAMPLE_CHUNK = 16
@@ -192,7 +179,7 @@ class ClipVisVideoStep:
     """CLIP-VIS's model-specific part of `stream_video`: each window is resized and padded together (as the
     original), then each frame goes through the model, the tracker, the CLIP head and mask encoding before
     the next one, so only one frame's activations and outputs are ever alive (hundreds of MB at 480p,
-    whatever the window size). In bf16 the backbone takes two frames at once (`FRAME_SCHEDULES`: they share
+    whatever the window size). In bf16 the backbone takes two frames at once (`FRAMES_PER_BACKBONE_FORWARD`: they share
     each read of its weights, which bounds bf16's products on CPU); outputs do not depend on it.
     `finish` runs the original's instance selection over the whole video -> `VideoPrediction`."""
 
@@ -215,14 +202,12 @@ class ClipVisVideoStep:
             images, image_size = model.preprocess(resized.permute(0, 3, 1, 2))
         padded_size = tuple(images.shape[-2:])
         permutations = []
-        schedule = FRAME_SCHEDULES[predictor.precision]
+        frames_per_forward = FRAMES_PER_BACKBONE_FORWARD[predictor.precision]
         decoded: List[Tuple[Dict[str, torch.Tensor], torch.Tensor]] = []
         for t in range(len(images)):
             if not decoded:
                 with timer("backbone + decoder"):
-                    decoded = predictor._run_model(images[t : t + schedule.frames_per_backbone_forward])
-                    if schedule.trim_heap_per_forward:
-                        release_freed_memory()
+                    decoded = predictor._run_model(images[t : t + frames_per_forward])
             outputs, dense = decoded.pop(0)
             with timer("tracker"):
                 index = self.tracker.step(outputs["pred_embds"][0]).to(images.device)  # [Q]

@@ -266,3 +266,46 @@ def test_masked_cross_attention_equals_torch_multihead_attention_with_the_mask_p
     attended = layer.multihead_attn(queries + query_pos, pixels + pixel_pos, pixels,
                                     attn_mask=hidden.repeat_interleave(4, dim=0), need_weights=False)[0]
     assert_close(out, layer.norm(queries + attended), rel=1e-12, name="masked cross-attention")
+
+
+def test_final_predictions_only_gives_the_full_decoders_final_predictions():
+    """Inference (`final_predictions_only`) makes the earlier layers' attention masks from mask features resized
+    to each level instead of resizing full-size mask logits. Its decisions equal the training-mode decoder's
+    (which keeps every layer's full-size masks) except within rounding of the threshold; fed the full decoder's
+    decisions (teacher forcing), its final predictions equal the full decoder's up to rounding."""
+    from clipvis.modeling import transformer_decoder
+
+    torch.manual_seed(0)
+    decoder = transformer_decoder.MultiScaleMaskedTransformerDecoder(dec_layers=4).eval()
+    with torch.no_grad():
+        for parameter in decoder.parameters():
+            parameter.normal_(0, 0.05)
+    features = [torch.randn(2, 256, 6, 8), torch.randn(2, 256, 12, 16), torch.randn(2, 256, 24, 32)]
+    mask_features = torch.randn(2, 48, 64, 256).permute(0, 3, 1, 2)  # channel-last, as the pixel decoder's
+    own = transformer_decoder.attention_mask_from_masks
+    recorded, sizes_seen = [], []
+
+    def record(logits, size):
+        recorded.append(own(logits, size))
+        return recorded[-1]
+
+    def teacher_forced(logits, size):
+        sizes_seen.append(tuple(logits.shape[-2:]))
+        expected = recorded[len(sizes_seen) - 1]
+        ours = own(logits, size)
+        resized = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).flatten(2)
+        near_threshold = resized.abs() <= 1e-5 * resized.abs().amax()
+        assert not ((ours != expected) & ~near_threshold).any()
+        return expected
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformer_decoder, "attention_mask_from_masks", record)
+        outputs = decoder(features, mask_features)
+        patch.setattr(transformer_decoder, "attention_mask_from_masks", teacher_forced)
+        with decoder.final_predictions_only():
+            final = decoder(features, mask_features)
+    assert sizes_seen == [(6, 8), (12, 16), (24, 32)]  # the logits are made at each layer's level size
+    assert final["aux_outputs"] == [] and len(outputs["aux_outputs"]) == 3
+    assert final["pred_masks"].shape == outputs["pred_masks"].shape == (2, 100, 48, 64)
+    for key in ("pred_masks", "pred_object_logits", "pred_ious", "pred_embds"):
+        torch.testing.assert_close(final[key], outputs[key], rtol=0, atol=1e-5 * float(outputs[key].abs().max()))

@@ -227,19 +227,22 @@ def test_convnext_in_place_blocks_are_timm_blocks_bit_for_bit(autocast):
     """Without autograd the ConvNeXt tower runs timm's blocks with GELU, layer scale and residual add written in
     place (README "Speed"); the features equal timm's own stage forwards exactly, in fp32 and under bf16
     autocast (where the float32 layer scale promotes the bf16 product, so that step is not in place)."""
+    import copy
     from types import SimpleNamespace
 
     from timm.models.convnext import ConvNeXt
 
-    from clipvis.modeling.image_towers.convnext import ConvNeXtTower, _in_place_applies
+    from clipvis.modeling.image_towers.convnext import ConvNeXtTower, InPlaceConvNeXtBlock
 
     torch.manual_seed(0)
     trunk = ConvNeXt(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=0, ls_init_value=0.5).eval()
     with torch.no_grad():
         for parameter in trunk.parameters():
             parameter.normal_(0, 0.3)
-    assert all(_in_place_applies(block) for stage in trunk.stages for block in stage.blocks)
-    tower = ConvNeXtTower(SimpleNamespace(trunk=trunk))
+    names = list(trunk.state_dict())
+    tower = ConvNeXtTower(SimpleNamespace(trunk=copy.deepcopy(trunk)))
+    assert all(type(block) is InPlaceConvNeXtBlock for stage in tower.visual.trunk.stages for block in stage.blocks)
+    assert list(tower.visual.trunk.state_dict()) == names
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         features = tower.features(images)

@@ -4,37 +4,43 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
+from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
 
 from clipvis.modeling.image_towers import FEATURE_STRIDES, ClipImageTower, register_image_tower
 
 
 def _in_place_applies(block: nn.Module) -> bool:
-    """Whether `_block_in_place` computes what this timm block's forward does: a ConvNeXtBlock in eval mode with
-    a channel-last MLP (timm's `Mlp`, no hidden norm), layer scale and an identity shortcut."""
+    """Whether `InPlaceConvNeXtBlock`'s forward computes what this timm block's does: a ConvNeXtBlock with a
+    channel-last MLP (timm's `Mlp`, no hidden norm), layer scale and an identity shortcut."""
     mlp = getattr(block, "mlp", None)
-    return (type(block).__name__ == "ConvNeXtBlock" and not block.training and not block.use_conv_mlp
-            and block.gamma is not None and isinstance(block.shortcut, nn.Identity)
-            and type(mlp).__name__ == "Mlp" and isinstance(mlp.norm, nn.Identity))
+    return (type(block) is ConvNeXtBlock and not block.use_conv_mlp and block.gamma is not None
+            and isinstance(block.shortcut, nn.Identity) and type(mlp).__name__ == "Mlp"
+            and isinstance(mlp.norm, nn.Identity))
 
 
-def _block_in_place(block: nn.Module, x: Tensor) -> Tensor:
-    """A timm ConvNeXtBlock's forward without autograd, `[B,C,H,W] -> [B,C,H,W]`, bit-identical to it: the exact
-    GELU, the layer scale and the residual add write into the MLP's own outputs instead of three fresh tensors
-    per block (at 96x120, 24 MB each: allocating and page-faulting them cost 6% of the trunk's time on an AVX2
-    EPYC, README "Speed"). Where the product is bfloat16 and the layer scale float32 (bf16 inference), the
-    promoted float32 result is a new tensor, as in timm."""
-    mlp = block.mlp
-    hidden = mlp.fc1(block.norm(block.conv_dw(x).permute(0, 2, 3, 1)))
-    if type(mlp.act).__name__ == "GELU" and getattr(mlp.act, "approximate", "none") == "none":
-        torch._C._nn.gelu_(hidden)
-    else:
-        hidden = mlp.act(hidden)  # Identity where fc1 already applies it (bf16's fused LinearActivation)
-    out = mlp.fc2(hidden).permute(0, 3, 1, 2)
-    gamma = block.gamma.reshape(1, -1, 1, 1)
-    if out.dtype == gamma.dtype == x.dtype:
-        return out.mul_(gamma).add_(x)
-    return out.mul(gamma) + x
+class InPlaceConvNeXtBlock(ConvNeXtBlock):
+    """timm's ConvNeXtBlock (same parameters and names) whose forward without autograd, `[B,C,H,W] ->
+    [B,C,H,W]`, writes the exact GELU, the layer scale and the residual add into the MLP's own outputs instead of
+    three fresh tensors (at 96x120, 24 MB each: allocating and page-faulting them cost 6% of the trunk's time on
+    an AVX2 EPYC, README "Speed"); bit-identical to timm's forward, which runs wherever autograd or training
+    does. Where the product is bfloat16 and the layer scale float32 (bf16 inference), the promoted float32
+    result is a new tensor, as in timm. `ConvNeXtTower` gives this class to the trunk's blocks."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or self.training:
+            return super().forward(x)
+        mlp = self.mlp
+        hidden = mlp.fc1(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
+        if type(mlp.act).__name__ == "GELU" and getattr(mlp.act, "approximate", "none") == "none":
+            torch._C._nn.gelu_(hidden)
+        else:
+            hidden = mlp.act(hidden)  # Identity where fc1 already applies it (bf16's fused LinearActivation)
+        out = mlp.fc2(hidden).permute(0, 3, 1, 2)
+        gamma = self.gamma.reshape(1, -1, 1, 1)
+        if out.dtype == gamma.dtype == x.dtype:
+            return out.mul_(gamma).add_(x)
+        return out.mul(gamma) + x
 
 
 @register_image_tower
@@ -45,6 +51,13 @@ class ConvNeXtTower(ClipImageTower):
 
     family = "convnext"
     empty_mask_logits_zero = False
+
+    def __init__(self, visual: nn.Module):
+        super().__init__(visual)
+        for stage in visual.trunk.stages:
+            for block in stage.blocks:
+                if _in_place_applies(block):
+                    block.__class__ = InPlaceConvNeXtBlock
 
     @classmethod
     def matches(cls, visual: nn.Module) -> bool:
@@ -62,12 +75,7 @@ class ConvNeXtTower(ClipImageTower):
         features: Dict[str, Tensor] = {}
         x = trunk.stem(images)
         for i, stage in enumerate(trunk.stages):
-            if torch.is_grad_enabled() or stage.training:
-                x = stage(x)
-            else:
-                x = stage.downsample(x)
-                for block in stage.blocks:
-                    x = _block_in_place(block, x) if _in_place_applies(block) else block(x)
+            x = stage(x)
             features[f"res{i + 2}"] = x
         features["clip_vis_dense"] = trunk.norm_pre(x)
         return features

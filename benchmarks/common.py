@@ -10,6 +10,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from clipvis.memory import HUGE_PAGES_VARIABLE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -157,7 +159,7 @@ def machine_report() -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "huge_page_allocations": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "huge_page_allocations": os.environ.get(HUGE_PAGES_VARIABLE) == "1",
         "matmul_gflops_fp32": round(matmul_peak_gflops(torch.float32), 1),
         "matmul_gflops_bf16": round(matmul_peak_gflops(torch.bfloat16), 1),
     }

@@ -80,7 +80,8 @@ def test_encoding_a_vocabulary_again_after_the_text_tower_was_paged_out(tmp_path
     assert torch.equal(predictor.encode_vocabulary("cat; dog, puppy").classifier, first)
 
 
-def _python(code: str, **env) -> str:
+def _python(code: str, **env) -> list[str]:
+    """stdout words of `python -c code` with THP_MEM_ALLOC_ENABLE unset, then `env`."""
     import os
     import subprocess
     import sys

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from clipvis.errors import ConfigError
 from clipvis.memory import evict_file_pages
+from clipvis.modeling.image_towers.convnext import is_exact_gelu
 
 PRECISIONS = ("fp32", "bf16")
 """TEST.PRECISION values."""
@@ -96,11 +97,7 @@ def _onednn_activation(activation: nn.Module):
     """The oneDNN post-op name of an exact GELU (torch's, or timm's, which calls F.gelu) or a ReLU; else None."""
     if type(activation) is nn.ReLU:
         return "relu"
-    if type(activation) is nn.GELU and activation.approximate == "none":
-        return "gelu"
-    if type(activation).__name__ == "GELU" and type(activation).__module__.startswith("timm."):
-        return "gelu"
-    return None
+    return "gelu" if is_exact_gelu(activation) else None
 
 
 class LinearActivation(nn.Linear):

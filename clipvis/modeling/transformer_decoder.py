@@ -289,14 +289,15 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         # times the mask features resized once per frame to the three level sizes, 4-64x fewer pixels than
         # resizing full-size logits at every layer (one [H/4*W/4, C] x [C, Q] product a layer: 4.7 ms of 360x480
         # fp32 frames' ~1.2 s). Equal up to rounding; bf16 keeps the original's order (its deviation is measured so).
-        attention_maps = [mask_features] * self.num_feature_levels
+        level_maps = None
         if not self._keep_aux_outputs and mask_features.dtype == torch.float32:
-            attention_maps = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
-                              for size in sizes]
+            level_maps = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                          for size in sizes]
 
         def maps_for(call: int) -> Tensor:  # call 0: the heads on the learnable queries, then one per layer
-            final = call == self.num_layers or self._keep_aux_outputs
-            return mask_features if final else attention_maps[call % self.num_feature_levels]
+            if level_maps is None or call == self.num_layers:
+                return mask_features
+            return level_maps[call % self.num_feature_levels]
 
         normed, object_logits, mask_logits, ious = self.prediction_heads(
             queries, maps_for(0), scores=self._keep_aux_outputs or self.num_layers == 0)

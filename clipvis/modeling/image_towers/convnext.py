@@ -4,10 +4,19 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
+from timm.layers import GELU as TimmGELU
+from timm.layers import Mlp
 from timm.models.convnext import ConvNeXtBlock
 from torch import Tensor, nn
 
 from clipvis.modeling.image_towers import FEATURE_STRIDES, ClipImageTower, register_image_tower
+
+
+def is_exact_gelu(activation: nn.Module) -> bool:
+    """Whether a module is the exact (erf) GELU: torch's `nn.GELU(approximate="none")` or timm's `GELU`."""
+    if type(activation) is nn.GELU:
+        return activation.approximate == "none"
+    return type(activation) is TimmGELU
 
 
 def _in_place_applies(block: nn.Module) -> bool:
@@ -15,8 +24,7 @@ def _in_place_applies(block: nn.Module) -> bool:
     channel-last MLP (timm's `Mlp`, no hidden norm), layer scale and an identity shortcut."""
     mlp = getattr(block, "mlp", None)
     return (type(block) is ConvNeXtBlock and not block.use_conv_mlp and block.gamma is not None
-            and isinstance(block.shortcut, nn.Identity) and type(mlp).__name__ == "Mlp"
-            and isinstance(mlp.norm, nn.Identity))
+            and isinstance(block.shortcut, nn.Identity) and type(mlp) is Mlp and isinstance(mlp.norm, nn.Identity))
 
 
 class InPlaceConvNeXtBlock(ConvNeXtBlock):
@@ -32,7 +40,7 @@ class InPlaceConvNeXtBlock(ConvNeXtBlock):
             return super().forward(x)
         mlp = self.mlp
         hidden = mlp.fc1(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
-        if type(mlp.act).__name__ == "GELU" and getattr(mlp.act, "approximate", "none") == "none":
+        if is_exact_gelu(mlp.act):
             torch._C._nn.gelu_(hidden)
         else:
             hidden = mlp.act(hidden)  # Identity where fc1 already applies it (bf16's fused LinearActivation)

@@ -5,7 +5,8 @@ operator (torch.profiler).
 
 Builds the same predictor as `infer_speed.py` (synthetic weights), optionally runs it once to warm up, then:
 
-- stages: one run with forward hooks timing the ConvNeXt stem and stages, the pixel decoder's input
+- stages: one run with forward hooks timing (and counting the minor page faults of: fresh large tensors
+  being mapped and zero-filled) the ConvNeXt stem and stages, the pixel decoder's input
   projections, deformable encoder and FPN, and the transformer decoder with its mask prediction heads
   separately; one more run under a dispatch mode counts each stage's matrix products and convolutions with
   `torch.utils.flop_counter`'s formulas (2 FLOP per multiply-add; elementwise work is not counted). GFLOP/s is that
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import sys
 import time
 from collections import defaultdict
@@ -83,14 +85,17 @@ class _StageFlops(TorchDispatchMode):
 def stage_report(model, run, count_flops: bool) -> dict:
     """Seconds (or, with `count_flops`, matrix-product and convolution FLOP) per stage of `run()`, by forward
     hooks; the heads' mask matmul is counted with them by wrapping `prediction_heads` as a whole."""
-    seconds, active, starts, hooks = defaultdict(float), [], [], []
+    seconds, faults, active, starts, hooks = defaultdict(float), defaultdict(int), [], [], []
 
     def enter(stage):
         active.append(stage)
-        starts.append(time.perf_counter())
+        starts.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
 
     def leave():
-        seconds[active.pop()] += time.perf_counter() - starts.pop()
+        start, start_faults = starts.pop()
+        stage = active.pop()
+        seconds[stage] += time.perf_counter() - start
+        faults[stage] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults
 
     for stage, modules in stage_modules(model).items():
         for module in modules:
@@ -115,7 +120,7 @@ def stage_report(model, run, count_flops: bool) -> dict:
         del decoder.prediction_heads
         for hook in hooks:
             hook.remove()
-    return dict(counter.flops) if count_flops else dict(seconds)
+    return dict(counter.flops) if count_flops else (dict(seconds), dict(faults))
 
 
 def main() -> None:
@@ -146,17 +151,19 @@ def main() -> None:
         run()
     machine = machine_report()
     peak = machine["matmul_gflops_bf16" if args.precision == "bf16" else "matmul_gflops_fp32"]
-    seconds = stage_report(predictor.model, run, count_flops=False)
+    seconds, faults = stage_report(predictor.model, run, count_flops=False)
     flops = stage_report(predictor.model, run, count_flops=True)
     print(json.dumps({"machine": machine, "precision": args.precision, "frames": args.frames,
                       "size": [args.height, args.width]}))
-    print(f"{'stage':45s} {'s/frame':>8s} {'GFLOP/frame':>12s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    print(f"{'stage':45s} {'s/frame':>8s} {'GFLOP/frame':>12s} {'GFLOP/s':>8s} {'of peak':>8s} {'faults/frame':>12s}")
     for stage in stage_modules(predictor.model):
         s, f = seconds.get(stage, 0.0) / args.frames, flops.get(stage, 0) / args.frames / 1e9
         rate = f / s if s else 0.0
-        print(f"{stage:45s} {s:8.4f} {f:12.2f} {rate:8.0f} {rate / peak:8.0%}")
+        n = faults.get(stage, 0) / args.frames
+        print(f"{stage:45s} {s:8.4f} {f:12.2f} {rate:8.0f} {rate / peak:8.0%} {n:12.0f}")
     s, f = sum(seconds.values()) / args.frames, sum(flops.values()) / args.frames / 1e9
-    print(f"{'all stages':45s} {s:8.4f} {f:12.2f} {f / s:8.0f} {f / s / peak:8.0%}")
+    n = sum(faults.values()) / args.frames
+    print(f"{'all stages':45s} {s:8.4f} {f:12.2f} {f / s:8.0f} {f / s / peak:8.0%} {n:12.0f}")
     if args.no_operators:
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:

@@ -5,10 +5,9 @@ operator (torch.profiler).
 
 Builds the same predictor as `infer_speed.py` (synthetic weights), optionally runs it once to warm up, then:
 
-- stages: one run with forward hooks timing (and counting the minor page faults of: fresh large tensors
-  being mapped and zero-filled) the ConvNeXt stem and stages, the pixel decoder's input
+- stages: one run with forward hooks timing the ConvNeXt stem and stages, the pixel decoder's input
   projections, deformable encoder and FPN, and the transformer decoder with its mask prediction heads
-  separately; one more run under a dispatch mode counts each stage's matrix products and convolutions with
+  separately, and counting each one's minor page faults (fresh large tensors mapped and zero-filled); one more run under a dispatch mode counts each stage's matrix products and convolutions with
   `torch.utils.flop_counter`'s formulas (2 FLOP per multiply-add; elementwise work is not counted). GFLOP/s is that
   count over the stage's time, printed beside the fp32 / bf16 matmul peak this script measures;
 - operators: one run under torch.profiler, sorted by self CPU time (and grouped by input shapes).

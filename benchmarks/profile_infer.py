@@ -7,7 +7,8 @@ Builds the same predictor as `infer_speed.py` (synthetic weights), optionally ru
 
 - stages: one run with forward hooks timing the ConvNeXt stem and stages, the pixel decoder's input
   projections, deformable encoder and FPN, and the transformer decoder with its mask prediction heads
-  separately, and counting each one's minor page faults (fresh large tensors mapped and zero-filled); one more run under a dispatch mode counts each stage's matrix products and convolutions with
+  separately, and counting each one's minor page faults (fresh large tensors mapped and zero-filled); one
+  more run under a dispatch mode counts each stage's matrix products and convolutions with
   `torch.utils.flop_counter`'s formulas (2 FLOP per multiply-add; elementwise work is not counted). GFLOP/s is that
   count over the stage's time, printed beside the fp32 / bf16 matmul peak this script measures;
 - operators: one run under torch.profiler, sorted by self CPU time (and grouped by input shapes).
@@ -81,9 +82,10 @@ class _StageFlops(TorchDispatchMode):
         return formula(*args, **kwargs, out_val=out) if formula is not None else 0
 
 
-def stage_report(model, run, count_flops: bool) -> dict:
-    """Seconds (or, with `count_flops`, matrix-product and convolution FLOP) per stage of `run()`, by forward
-    hooks; the heads' mask matmul is counted with them by wrapping `prediction_heads` as a whole."""
+def stage_report(model, run, count_flops: bool):
+    """Per stage of `run()`, by forward hooks: (seconds, minor page faults), or with `count_flops` the
+    matrix-product and convolution FLOP; the heads' mask matmul is counted with them by wrapping
+    `prediction_heads` as a whole."""
     seconds, faults, active, starts, hooks = defaultdict(float), defaultdict(int), [], [], []
 
     def enter(stage):

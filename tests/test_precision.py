@@ -140,11 +140,12 @@ def test_precision_flag_sets_the_config_key():
 def test_bf16_layers_stored_once_give_exactly_the_autocast_outputs(tmp_path, monkeypatch):
     """`from_config` at bf16 stores the layers run under autocast in bfloat16 once; the outputs must be
     bit-identical to autocast casting fp32 weights at every call (a predictor around an untouched model).
-    Fusing linear + activation pairs, which `from_config` does next, is left out here (its own test below)."""
+    Running the Linear layers through oneDNN, which `from_config` does next, is left out here (its own tests:
+    test_onednn_linear.py)."""
     import clipvis.inference.predictor as predictor_module
     import clipvis.modeling.ms_deform_attn as deform
 
-    monkeypatch.setattr(predictor_module, "fuse_linear_activations", lambda model: 0)
+    monkeypatch.setattr(predictor_module, "use_onednn_linears", lambda model, dtype: (0, 0))
     from clipvis.data.synthetic import synthetic_video
 
     cfg, reference_model, weights = tiny_bf16_checkpoint(tmp_path)
@@ -166,78 +167,6 @@ def test_bf16_layers_stored_once_give_exactly_the_autocast_outputs(tmp_path, mon
     assert torch.equal(a.scores, b.scores) and torch.equal(a.classes, b.classes)
     assert torch.equal(a.mask_logits, b.mask_logits)
     assert a.rles == b.rles
-
-
-@needs_bf16
-def test_linear_activation_is_the_activation_of_the_product_rounded_once():
-    """A fused bf16 Linear + GELU / ReLU gives the activation of the float32-accumulated product, rounded to
-    bfloat16 once (within one bf16 rounding of the float32 reference; the unfused pair rounds twice)."""
-    from torch import nn
-
-    from clipvis.inference.precision import LinearActivation, fusable
-
-    torch.manual_seed(0)
-    for activation in (nn.GELU(), nn.ReLU()):
-        linear = nn.Linear(64, 96).to(torch.bfloat16)
-        if not fusable(linear, activation):
-            pytest.skip("oneDNN's fused linear is not available in this torch build")
-        x = torch.randn(3, 10, 64).to(torch.bfloat16)
-        with torch.inference_mode():
-            fused = LinearActivation(linear, activation)(x)
-            reference = activation(torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float()))
-        assert fused.dtype == torch.bfloat16 and fused.shape == (3, 10, 96)
-        assert ((fused.float() - reference).abs() <= reference.abs() * 2 ** -8 + 1e-6).all(), type(activation).__name__
-    assert not fusable(nn.Linear(4, 4), nn.GELU())  # float32 layers stay as they are
-    assert not fusable(nn.Linear(4, 4).to(torch.bfloat16), nn.GELU(approximate="tanh"))
-
-    # timm's Mlp (ConvNeXt-B's blocks): fc1 + timm's GELU become one call, fc2 stays
-    from timm.layers import Mlp
-
-    from clipvis.inference.precision import fuse_linear_activations
-
-    mlp = Mlp(64, 256).to(torch.bfloat16).eval()
-    x = torch.randn(2, 5, 64).to(torch.bfloat16)
-    with torch.inference_mode():
-        expected = mlp.fc2(torch.nn.functional.gelu(torch.nn.functional.linear(
-            x.float(), mlp.fc1.weight.float(), mlp.fc1.bias.float())).to(torch.bfloat16))
-        assert fuse_linear_activations(mlp) == 1 and isinstance(mlp.fc1, LinearActivation)
-        fused = mlp(x).float()
-        # one bf16 rounding of an fp32 erf apart at most (oneDNN's and torch's erf may differ in the last fp32 bit)
-        assert ((fused - expected.float()).norm() / expected.float().norm()) < 1e-2
-
-
-@needs_bf16
-def test_bf16_predictor_fuses_convnext_and_encoder_feed_forwards(tmp_path, monkeypatch):
-    """At bf16 on CPU, `from_config` fuses every ConvNeXt block's fc1 + GELU and every deformable encoder
-    layer's linear1 + ReLU; the state dict keeps its names and the fused model's decoder outputs stay within
-    bf16 rounding of the unfused model's."""
-    import clipvis.inference.predictor as predictor_module
-    from clipvis.inference.precision import LinearActivation, fuse_linear_activations
-
-    cfg, _, weights = tiny_bf16_checkpoint(tmp_path)
-    fused = VideoPredictor.from_config(cfg, weights=weights, progress=False)
-    with monkeypatch.context() as patch:
-        patch.setattr(predictor_module, "fuse_linear_activations", lambda model: 0)
-        unfused = VideoPredictor.from_config(cfg, weights=weights, progress=False)
-    fused_layers = [name for name, m in fused.model.named_modules() if isinstance(m, LinearActivation)]
-    if not fused_layers:
-        pytest.skip("oneDNN's fused linear is not available in this torch build")
-    assert fuse_linear_activations(fused.model) == 0  # already fused by from_config
-    blocks = [block for stage in fused.model.backbone.clip_model.visual.trunk.stages for block in stage.blocks]
-    linear_mlps = sum(not block.use_conv_mlp for block in blocks)  # the tiny tower's MLPs are 1x1 convolutions
-    encoder_layers = len(fused.model.sem_seg_head.pixel_decoder.transformer.encoder.layers)
-    assert len(fused_layers) == linear_mlps + encoder_layers
-    assert fused.model.state_dict().keys() == unfused.model.state_dict().keys()
-
-    image = torch.randn(2, 3, 64, 96)
-    with torch.inference_mode():
-        a = fused._run_model(image)
-        b = unfused._run_model(image)
-    for (outputs_a, dense_a), (outputs_b, dense_b) in zip(a, b):
-        for key in ("pred_masks", "pred_embds", "pred_object_logits"):
-            error = (outputs_a[key] - outputs_b[key]).norm() / outputs_b[key].norm()
-            assert error < 0.05, (key, float(error))
-        assert ((dense_a - dense_b).norm() / dense_b.norm()) < 0.05
 
 
 def tiny_bf16_checkpoint(tmp_path: Path):

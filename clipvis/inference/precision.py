@@ -5,12 +5,10 @@ import contextlib
 from typing import Callable, Dict, List, Set
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import nn
 
 from clipvis.errors import ConfigError
 from clipvis.memory import evict_file_pages
-from clipvis.modeling.image_towers.convnext import is_exact_gelu
 
 PRECISIONS = ("fp32", "bf16")
 """TEST.PRECISION values."""
@@ -86,59 +84,3 @@ def store_autocast_layers_in_bf16(model: nn.Module, inference_pass: Callable[[],
                 param.data = param.data.to(torch.bfloat16)
     evict_file_pages(replaced, keep=[*model.parameters(), *model.buffers()])
     return len(names)
-
-
-# (Linear, activation) attribute pairs of the modules whose Linear feeds an activation directly: timm's `Mlp`
-# (ConvNeXt blocks) and the deformable encoder layers' feed-forward.
-LINEAR_ACTIVATION_PAIRS = (("fc1", "act"), ("linear1", "activation"))
-
-
-def _onednn_activation(activation: nn.Module):
-    """The oneDNN post-op name of an exact GELU (torch's, or timm's, which calls F.gelu) or a ReLU; else None."""
-    if type(activation) is nn.ReLU:
-        return "relu"
-    return "gelu" if is_exact_gelu(activation) else None
-
-
-class LinearActivation(nn.Linear):
-    """A Linear layer and the activation after it as one oneDNN call (`torch.ops.mkldnn._linear_pointwise`), for
-    CPU inference with bfloat16 weights: the activation is applied to the product before it is rounded to
-    bfloat16 and written out, instead of in a second pass over a bfloat16 tensor (which for exact GELU costs as
-    much as the product). `[..., in] -> [..., out]`; parameters as the Linear's (`weight`, `bias`). Where
-    gradients are needed it computes the same thing unfused."""
-
-    def __init__(self, linear: nn.Linear, activation: nn.Module):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.activation = activation
-        self.onednn_name = _onednn_activation(activation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return self.activation(F.linear(x.to(self.weight.dtype), self.weight, self.bias))
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, self.onednn_name, [], "none")
-
-
-def fusable(linear: nn.Module, activation: nn.Module) -> bool:
-    """Whether `activation(linear(x))` can run as one `LinearActivation` call: a bfloat16 CPU Linear and an
-    exact GELU or a ReLU, with oneDNN's bfloat16 kernels available."""
-    if type(linear) is not nn.Linear or _onednn_activation(activation) is None:
-        return False
-    return (linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
-            and bf16_supported(linear.weight.device) and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def fuse_linear_activations(model: nn.Module) -> int:
-    """Replace, in place, each bfloat16 Linear that feeds an activation directly (`LINEAR_ACTIVATION_PAIRS`) by a
-    `LinearActivation` and the activation by Identity. For bf16 CPU inference after `store_autocast_layers_in_bf16`
-    (the state dict's names are unchanged). Returns how many pairs were fused."""
-    fused = 0
-    for module in model.modules():
-        for linear_name, activation_name in LINEAR_ACTIVATION_PAIRS:
-            linear, activation = getattr(module, linear_name, None), getattr(module, activation_name, None)
-            if isinstance(linear, nn.Module) and isinstance(activation, nn.Module) and fusable(linear, activation):
-                setattr(module, linear_name, LinearActivation(linear, activation))
-                setattr(module, activation_name, nn.Identity())
-                fused += 1
-    return fused

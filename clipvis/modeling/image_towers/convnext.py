@@ -43,7 +43,7 @@ class InPlaceConvNeXtBlock(ConvNeXtBlock):
         if is_exact_gelu(mlp.act):
             torch._C._nn.gelu_(hidden)
         else:
-            hidden = mlp.act(hidden)  # Identity where fc1 already applies it (bf16's fused LinearActivation)
+            hidden = mlp.act(hidden)  # Identity where fc1 already applies it (a fused OneDNNLinear)
         out = mlp.fc2(hidden).permute(0, 3, 1, 2)
         gamma = self.gamma.reshape(1, -1, 1, 1)
         if out.dtype == gamma.dtype == x.dtype:

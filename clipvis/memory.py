@@ -51,6 +51,42 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def anonymous_resident_bytes() -> Optional[int]:
+    """This process's resident memory that maps no file (heap, tensors), in bytes, from /proc/self/statm
+    (resident minus shared pages); None where the OS does not tell."""
+    try:
+        with open("/proc/self/statm") as statm:
+            fields = statm.read().split()
+    except OSError:
+        return None
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+class TrimWhenGrown:
+    """Called between the windows of a video: returns freed heap to the system (`release_freed_memory`) only
+    once the anonymous resident memory has grown more than `margin_bytes` above what it was after the first
+    window, so that heap fragmentation cannot creep up over a long video while the steady per-frame working
+    set stays mapped. Trimming after every window instead gave that working set back each time, and every
+    next window page-faulted it in again (where the system is a VM that reports freed pages to its host, each
+    fault is the host's too): on an AMX Xeon VM, 24 frames in bf16 took 5.45-5.59 s instead of 5.64 and page-
+    faulted 33k times instead of 98k (README "Speed"). Where the OS does not report resident memory it trims
+    every time. Returns whether it trimmed."""
+
+    def __init__(self, margin_bytes: int = 64 * 2**20):
+        self.margin_bytes = margin_bytes
+        self.baseline: Optional[int] = None
+
+    def __call__(self) -> bool:
+        resident = anonymous_resident_bytes()
+        if resident is not None and self.baseline is None:
+            self.baseline = resident
+            return False
+        if resident is not None and resident <= self.baseline + self.margin_bytes:
+            return False
+        release_freed_memory()
+        return True
+
+
 def _file_backed_ranges() -> List[Tuple[int, int]]:
     """Address ranges [start, end) of this process's memory mappings that map a file (Linux)."""
     ranges = []

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from clipvis.memory import _glibc, evict_file_pages, page_out, release_freed_memory
+from clipvis.memory import TrimWhenGrown, _glibc, evict_file_pages, page_out, release_freed_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="Linux/glibc only")
 
@@ -30,6 +30,22 @@ def test_release_freed_memory_returns_a_fragmented_heap():
     after = resident_mb("RssAnon")
     assert before - after > 100, (before, after)
     assert len(pinned) == 64 * 1024
+
+
+def test_trim_when_grown_trims_only_past_the_first_windows_level_plus_margin():
+    """Between windows: the first call takes the level, calls within the margin leave the heap mapped (the next
+    window reuses it without page faults), a call past it returns the freed heap to the system."""
+    trim = TrimWhenGrown(margin_bytes=64 * 2**20)
+    assert trim() is False and trim.baseline is not None
+    small = [bytes(64 * 1024) for _ in range(160)]  # ~10 MB: within the margin
+    assert trim() is False
+    blocks = [bytes(64 * 1024) for _ in range(3000)]  # ~190 MB of heap (below glibc's mmap threshold)
+    pinned = bytes(64 * 1024)  # allocated last: the heap's top cannot simply shrink back
+    del blocks
+    before = resident_mb("RssAnon")
+    assert trim() is True
+    assert before - resident_mb("RssAnon") > 100
+    assert len(pinned) == 64 * 1024 and len(small) == 160
 
 
 def test_evict_file_pages_drops_only_dead_mapped_tensors(tmp_path):

@@ -2,8 +2,8 @@
 
 `stream_video(windows, step, window_size=...)` re-chunks any iterable of uint8 frame chunks `[w,H,W,3]`
 into windows of `window_size` frames, checks them (dtype, layout, one frame size per video), shows a
-progress bar, times the stages, returns freed memory to the system after every window, and finally asks
-the step for its result. The step is the model-specific part (`VideoStep`): CLIP-VIS's is
+progress bar, times the stages, returns freed memory to the system between windows once the heap has grown
+(`TrimWhenGrown`), and finally asks the step for its result. The step is the model-specific part (`VideoStep`): CLIP-VIS's is
 `clipvis.inference.predictor.ClipVisVideoStep`; another per-frame model provides its own.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from clipvis.data.video import progress_bar
 from clipvis.errors import VideoError
-from clipvis.memory import release_freed_memory
+from clipvis.memory import TrimWhenGrown
 
 Frames = Union[np.ndarray, torch.Tensor]
 Result = TypeVar("Result")
@@ -72,6 +72,7 @@ def stream_video(
     timer = StageTimer()
     frame_size = None
     bar = progress_bar(num_frames, "inference", enabled=progress)
+    trim = TrimWhenGrown()
     try:
         for window in rewindow(windows, window_size):  # checked uint8 [w,H,W,3] tensors
             if frame_size is None:
@@ -82,7 +83,7 @@ def stream_video(
                                  "all frames of a video must have one size")
             step.process_window(window, timer)
             bar.update(len(window))
-            release_freed_memory()  # stops heap fragmentation from growing over the windows of a long video
+            trim()  # stops heap fragmentation from growing over the windows of a long video
     finally:
         bar.close()
     if frame_size is None:

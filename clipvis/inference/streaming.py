@@ -3,8 +3,9 @@
 `stream_video(windows, step, window_size=...)` re-chunks any iterable of uint8 frame chunks `[w,H,W,3]`
 into windows of `window_size` frames, checks them (dtype, layout, one frame size per video), shows a
 progress bar, times the stages, returns freed memory to the system between windows once the heap has grown
-(`TrimWhenGrown`), and finally asks the step for its result. The step is the model-specific part (`VideoStep`): CLIP-VIS's is
-`clipvis.inference.predictor.ClipVisVideoStep`; another per-frame model provides its own.
+(`TrimWhenGrown`), and finally asks the step for its result. The step is the model-specific part
+(`VideoStep`): CLIP-VIS's is `clipvis.inference.predictor.ClipVisVideoStep`; another per-frame model provides
+its own.
 """
 from __future__ import annotations
 

@@ -167,7 +167,7 @@ def _sample_and_mix(value: Tensor, sizes: list, starts: list, pixel: Tensor, att
                              for level in level_of_sample]
                             for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))], dtype=dtype)
     strides = strides.expand(-1, 4, -1).reshape(num_samples * 2, 4 * num_samples)
-    rows = torch.addmm(offsets.view(-1).to(device), corner.view(count, -1), strides.to(device))
+    rows = torch.mm(corner.view(count, -1), strides.to(device)).add_(offsets.view(-1).to(device))  # not addmm: no bias copy
     if batch > 1:
         frame = torch.arange(batch, dtype=dtype, device=device).view(batch, 1) * (padded_total * heads)
         rows = (rows.view(batch, -1) + frame).view(count, -1)

@@ -11,10 +11,11 @@ the config override that fixes it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -110,19 +111,50 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, Path, Mapping], sou
     log.info("loaded %d tensors from %s", count, source)
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """While a model whose weights all come from a checkpoint next is built: every parameter a module registers
+    is moved to the meta device (no memory; initialising it is a no-op), buffers are built as usual (some, such
+    as CLIP's causal attention mask, are not in checkpoints). `load_checkpoint` then gives each parameter its
+    checkpoint tensor. Without this, ConvNeXt-B's random initialisation (760 MB) was written, then thrown away
+    by the loader: it set the process's peak memory. A parameter the checkpoint lacks is a `CheckpointError`
+    of the loader, as always, so none stays on meta unnoticed."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 @torch.no_grad()
 def _swap_in(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Point each parameter / buffer of `model` at the checkpoint's tensor instead of copying into it (no second
     copy of the weights in memory; the Parameter objects stay the same, so an optimizer built before still
-    holds them). A tensor of another dtype (e.g. half-precision weights) is copied and converted instead."""
+    holds them). A tensor of another dtype (e.g. half-precision weights) is copied and converted instead. A
+    parameter built on the meta device (`parameters_on_meta`) is replaced by a Parameter of the checkpoint's
+    tensor, in every module that shares it."""
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(model.named_buffers(remove_duplicate=False))
+    replaced: Dict[int, nn.Parameter] = {}
     for name, value in state.items():
         target = targets[name]
-        if value.dtype == target.dtype and value.device == target.device:
+        if target.is_meta:
+            replaced.setdefault(id(target), nn.Parameter(value.to(target.dtype), requires_grad=target.requires_grad))
+        elif value.dtype == target.dtype and value.device == target.device:
             target.data = value
         else:
             target.copy_(value)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and id(param) in replaced:
+                module._parameters[name] = replaced[id(param)]
 
 
 def _listing(keys: List[str], limit: int = 4) -> str:

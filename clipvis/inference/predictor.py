@@ -13,6 +13,7 @@ pixels, and the final instance selection is exactly the original's (see `instanc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -288,12 +289,13 @@ class VideoPredictor:
         """Build the model from a config, load `weights` (path or state dict in the original's format; default
         MODEL.WEIGHTS) and move it to `device`. A CLIP-VIS checkpoint carries CLIP's weights, so with `weights`
         the config's open_clip pretrained tag is not loaded (nothing is fetched)."""
-        from clipvis.checkpoint import load_checkpoint
+        from clipvis.checkpoint import load_checkpoint, parameters_on_meta
         from clipvis.modeling.meta_arch import build_model
 
         check_precision(kwargs.get("precision", cfg.TEST.PRECISION), resolve_device(device))  # before anything is built
         weights = weights if weights is not None else (cfg.MODEL.WEIGHTS or None)
-        model = build_model(cfg, load_clip_weights=weights is None)
+        with parameters_on_meta() if weights is not None else contextlib.nullcontext():  # all weights come next
+            model = build_model(cfg, load_clip_weights=weights is None)
         if weights is None and not cfg.MODEL.FC_CLIP.CLIP_PRETRAINED_WEIGHTS:
             kwargs["text_cache_dir"] = None  # a randomly initialised text tower: caching its embeddings only fills the disk
         if weights is None:

@@ -164,7 +164,8 @@ class ClipBackbone(nn.Module):
             )
         weights = _resolve_pretrained(model_name, pretrained) if pretrained else None
         with _quiet_open_clip():
-            self.clip_model = open_clip.create_model(model_name, pretrained=None, load_weights=False)
+            # device None: built where torch builds it, not moved (moving fails for `parameters_on_meta`)
+            self.clip_model = open_clip.create_model(model_name, pretrained=None, load_weights=False, device=None)
         if weights is not None:
             try:
                 open_clip.load_checkpoint(self.clip_model, str(weights))

@@ -117,6 +117,8 @@ def import_original(original: Path, detectron2: Path) -> types.ModuleType:
 def original_config(original: Path, original_module: types.ModuleType, vocab: str):
     """The original's video ConvNeXt-B config, set up as its `train_net_video.setup` does, on CPU with the
     5-class synthetic test dataset and no pretrained CLIP download (all weights are synthetic)."""
+    # detectron2 is the original's framework, imported from its source checkout for this measurement only;
+    # clipvis itself never imports it
     from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
     from detectron2.projects.deeplab import add_deeplab_config

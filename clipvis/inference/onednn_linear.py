@@ -31,14 +31,19 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _cpu_vendor() -> str:
+def cpuinfo_field(name: str) -> str:
+    """The first value of field `name` in /proc/cpuinfo (e.g. "vendor_id", "model name"); "" where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_vendor() -> str:
+    return cpuinfo_field("vendor_id")
 
 
 def mkl_skips_avx512() -> bool:
